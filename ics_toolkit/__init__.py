@@ -60,11 +60,11 @@ _LAZY: dict[str, str] = {
     "dry_run": "ics_toolkit.capture",
     "Recorder": "ics_toolkit.capture",
     # bounds, the monitor and its results
-    "bounds": "ics_toolkit.bounds",
+    "bounds": "ics_toolkit.bounding",
     "ICSMonitor": "ics_toolkit.monitor",
     "load_results": "ics_toolkit.results",
     "to_wide": "ics_toolkit.results",
-    "gradient_ics": "ics_toolkit.gradient_ics",
+    "gradient_ics": "ics_toolkit.gradient_shift",
     # normalization layers
     "replace_norm": "ics_toolkit.nn",
 }
@@ -88,10 +88,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static type checkers see the real names
-    from ics_toolkit.bounds import bounds
+    from ics_toolkit.bounding import bounds
     from ics_toolkit.capture import Recorder, capture, dry_run
     from ics_toolkit.distances import sampling_floor, wasserstein, wasserstein_many
-    from ics_toolkit.gradient_ics import gradient_ics
+    from ics_toolkit.gradient_shift import gradient_ics
     from ics_toolkit.monitor import ICSMonitor
     from ics_toolkit.nn import replace_norm
     from ics_toolkit.results import load_results, to_wide

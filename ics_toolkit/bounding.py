@@ -1,0 +1,415 @@
+"""Upper and lower bounds of the Wasserstein-1 distance between paired samples.
+
+The theory (``docs/theory.md``) bounds ``W1(P_X, P_Y)`` between the empirical
+distributions of a layer's outputs before (``X``) and after (``Y``) an optimizer
+step, where row ``i`` of both is the output for the same probe input ``u_i``:
+
+* lower bounds, one 1-Lipschitz test function each::
+
+      L1 = || mean(X) - mean(Y) ||                 (f = <w, .>, w the unit mean gap)
+      L2 = | mean ||X_i|| - mean ||Y_i|| |         (f = ||.||)
+      L3 = max over tried directions of the 1-D W1 of the projections
+
+* upper bounds, valid because the same-input coupling is one feasible coupling::
+
+      U1 = mean ||X_i - Y_i||                      (= the ``paired`` estimator)
+      U2 = sqrt(mean ||X_i - Y_i||^2)              (Jensen: U1 <= U2)
+      U3   BatchNorm outputs: set by sqrt(d) and the correlation of the normalized values
+      U4   unitized outputs: 2 |alpha| k, independent of noise (and of d when k = 1)
+      U5   Unitization embedded in BatchNorm (the authors' layer)
+
+so that, for the empirical measures and up to float error,
+``L1, L2, L3 <= exact <= U1 <= U2`` and ``exact <= U3, U4, U5`` where they apply.
+
+Every function computes in float64 and returns Python floats.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ics_toolkit._arrays import ArrayLike, as_pair, as_samples, to_tensor
+from ics_toolkit.errors import ICSValueError
+
+__all__ = [
+    "LOWER_BOUNDS",
+    "RTOL",
+    "UPPER_BOUNDS",
+    "BoundCheck",
+    "NormState",
+    "bounds",
+    "check_order",
+]
+
+#: Relative tolerance of every inequality check. Distances and bounds are computed in
+#: float64, but layer outputs are usually stored in float32 and the normalized values
+#: that U3..U5 use are recomputed from the stored inputs, so two quantities that should
+#: satisfy ``a <= b`` can differ by float32 rounding (~1e-7 relative). A check passes
+#: when ``a <= b + RTOL * max(|a|, |b|) + ATOL * scale``.
+RTOL = 1e-6
+#: Slack relative to the size of the coordinates (``scale``, the largest absolute value
+#: in the samples): float64 rounding of a distance is proportional to the size of the
+#: points, not to the distance, so two nearly equal distributions need it.
+ATOL = 1e-12
+
+#: Quantities that must not exceed W1 (the ``wasserstein`` methods sliced and
+#: max_sliced are lower bounds too).
+LOWER_BOUNDS = ("L1", "L2", "L3", "sliced", "max_sliced")
+#: Quantities that must not fall below W1 (``paired`` is U1 under its method name).
+UPPER_BOUNDS = ("paired", "U1", "U2", "U3", "U4", "U5")
+
+Form = Literal["batchnorm", "unitization", "embedded"]
+
+
+@dataclass(frozen=True)
+class NormState:
+    """A normalization layer's internals at one training step, flattened per sample.
+
+    The layer's output for sample ``i`` is, with ``g`` = ``weight``, ``b`` = ``bias``,
+    ``a`` = ``alpha`` and ``s_i = sqrt(||x_hat_i||^2 / k^2 + eps)``:
+
+    * ``form="batchnorm"``:   ``g * x_hat_i + b``
+    * ``form="unitization"``: ``g * a * x_hat_i / s_i + b``  (pure unitization)
+    * ``form="embedded"``:    ``g * x_hat_i * (a / s_i + 1 - a) + b``  (the authors' layer)
+
+    Parameters
+    ----------
+    x_hat : array_like, shape (n, d)
+        Normalized values before the affine map (zero mean, unit variance per channel
+        in train-mode BatchNorm), one row per sample, flattened exactly like the
+        layer outputs they explain.
+    weight, bias : array_like, shape (d,), optional
+        Affine scale ``gamma`` and shift ``beta`` broadcast to the flattened
+        coordinates (a per-channel parameter repeated over spatial positions).
+        May be None for ``form="unitization"``, whose bound U4 does not use it.
+        None means 1 and 0.
+    alpha : array_like, shape (d,) or scalar, optional
+        Unitization strength per coordinate. Required for the unitization forms.
+    k : float
+        Norm scale of the unitization: ``||x_hat_i / s_i|| <= k``. 1 for the raw L2
+        norm, ``P`` (spatial positions) for the authors' per-pixel scaling.
+    eps : float
+        The ``eps`` inside ``s_i``.
+    form : {"batchnorm", "unitization", "embedded"}
+        Which layer produced the outputs.
+    """
+
+    x_hat: ArrayLike | None
+    weight: ArrayLike | None = None
+    bias: ArrayLike | None = None
+    alpha: ArrayLike | float | None = None
+    k: float = 1.0
+    eps: float = 0.0
+    form: Form = "batchnorm"
+
+
+@dataclass(frozen=True)
+class BoundCheck:
+    """Outcome of :func:`check_order` for one group of values.
+
+    Attributes
+    ----------
+    holds : bool
+        True when every lower bound <= exact <= every upper bound (and, without
+        ``exact``, every lower bound <= every upper bound) within the tolerance.
+    violations : tuple of str
+        One readable line per violated inequality, e.g. ``"L2 = 1.3 > exact = 1.2"``.
+    """
+
+    holds: bool
+    violations: tuple[str, ...] = ()
+
+
+def _le(a: float, b: float, rtol: float, scale: float) -> bool:
+    return a <= b + rtol * max(abs(a), abs(b)) + ATOL * max(scale, 1.0)
+
+
+def check_order(
+    values: Mapping[str, float], *, rtol: float = RTOL, scale: float = 1.0
+) -> BoundCheck:
+    """Check that every lower bound <= exact <= every upper bound.
+
+    Parameters
+    ----------
+    values : mapping of str to float
+        Quantity name to value, e.g. ``{"exact": 1.0, "L1": 0.5, "U1": 1.2}``. Names
+        in :data:`LOWER_BOUNDS` are lower bounds, names in :data:`UPPER_BOUNDS` upper
+        bounds; other names and NaN values are ignored.
+    rtol : float
+        Relative tolerance, see :data:`RTOL`.
+    scale : float
+        Largest absolute coordinate of the samples the values came from, see
+        :data:`ATOL`.
+
+    Returns
+    -------
+    BoundCheck
+        Whether the order holds and which inequalities fail.
+
+    Examples
+    --------
+    >>> check_order({"L1": 0.5, "exact": 1.0, "U1": 1.2}).holds
+    True
+    >>> check_order({"L1": 1.5, "exact": 1.0}).violations
+    ('L1 = 1.5 > exact = 1',)
+    """
+    finite = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
+    lows = [(k, v) for k, v in finite.items() if k in LOWER_BOUNDS]
+    highs = [(k, v) for k, v in finite.items() if k in UPPER_BOUNDS]
+    pairs: list[tuple[str, float, str, float]] = []
+    if "exact" in finite:
+        ex = finite["exact"]
+        pairs += [(k, v, "exact", ex) for k, v in lows]
+        pairs += [("exact", ex, k, v) for k, v in highs]
+    else:
+        pairs += [(lk, lv, hk, hv) for lk, lv in lows for hk, hv in highs]
+    if "sliced" in finite and "max_sliced" in finite:
+        pairs.append(("sliced", finite["sliced"], "max_sliced", finite["max_sliced"]))
+    bad = tuple(
+        f"{a} = {av:.6g} > {b} = {bv:.6g}" for a, av, b, bv in pairs if not _le(av, bv, rtol, scale)
+    )
+    return BoundCheck(holds=not bad, violations=bad)
+
+
+def _vector(value: ArrayLike | float | None, d: int, name: str, like: torch.Tensor, fill: float):
+    """Broadcast a parameter to a float64 (d,) vector on ``like``'s device."""
+    if value is None:
+        return torch.full((d,), fill, dtype=torch.float64, device=like.device)
+    t = to_tensor(value, name).to(device=like.device, dtype=torch.float64).reshape(-1)
+    if t.numel() == 1:
+        return t.expand(d)
+    if t.numel() != d:
+        raise ICSValueError(
+            f"`{name}` must have d = {d} entries (one per flattened coordinate; repeat a "
+            f"per-channel parameter over spatial positions), got {t.numel()}"
+        )
+    return t
+
+
+@dataclass(frozen=True)
+class _Norm:
+    """A NormState converted to float64 tensors of matching shapes."""
+
+    x_hat: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    alpha: torch.Tensor | None
+    k: float
+    eps: float
+    form: str
+
+
+def _prepare(before: NormState, after: NormState, n: int, d: int, like: torch.Tensor):
+    out = []
+    for label, st in (("before", before), ("after", after)):
+        if not isinstance(st, NormState):
+            raise ICSValueError(f"`{label}` must be a NormState, got {type(st).__name__}")
+        if st.form not in ("batchnorm", "unitization", "embedded"):
+            raise ICSValueError(
+                f"`{label}.form` must be 'batchnorm', 'unitization' or 'embedded', got {st.form!r}"
+            )
+        if st.form != "batchnorm" and st.alpha is None:
+            raise ICSValueError(f"`{label}.alpha` is required for form={st.form!r}")
+        if st.k <= 0:
+            raise ICSValueError(f"`{label}.k` must be positive, got {st.k}")
+        if st.x_hat is None:
+            if st.form != "unitization":
+                raise ICSValueError(f"`{label}.x_hat` is required for form={st.form!r}")
+            xh = torch.empty(n, d, dtype=torch.float64, device=like.device)  # U4 ignores it
+        else:
+            xh = as_samples(st.x_hat, f"{label}.x_hat").to(like.device)
+            if tuple(xh.shape) != (n, d):
+                raise ICSValueError(
+                    f"`{label}.x_hat` must have the shape of the samples {(n, d)}, "
+                    f"got {tuple(xh.shape)}"
+                )
+        alpha = None if st.alpha is None else _vector(st.alpha, d, f"{label}.alpha", like, 0.0)
+        out.append(
+            _Norm(
+                x_hat=xh,
+                weight=_vector(st.weight, d, f"{label}.weight", like, 1.0),
+                bias=_vector(st.bias, d, f"{label}.bias", like, 0.0),
+                alpha=alpha,
+                k=float(st.k),
+                eps=float(st.eps),
+                form=st.form,
+            )
+        )
+    if out[0].form != out[1].form:
+        raise ICSValueError(
+            f"`before.form` ({out[0].form!r}) and `after.form` ({out[1].form!r}) differ; "
+            "both steps must describe the same layer"
+        )
+    return out[0], out[1]
+
+
+def _mean_sq_norm(t: torch.Tensor) -> float:
+    return float((t * t).sum(dim=1).mean())
+
+
+def _u3(a: _Norm, b: _Norm) -> float:
+    """BatchNorm: max|g| sqrt(2 d'(1 - rho)) + sqrt(mean ||(g - g') y_hat||^2) + ||b - b'||."""
+    d = a.x_hat.shape[1]
+    m2x, m2y = _mean_sq_norm(a.x_hat), _mean_sq_norm(b.x_hat)
+    d_eff = max(float(d), m2x, m2y)  # m2 <= d holds exactly only in train mode without eps
+    c = float((a.x_hat * b.x_hat).sum(dim=1).mean())
+    core = math.sqrt(max(2.0 * (d_eff - c), 0.0))  # = sqrt(2 d'(1 - rho)), rho = c / d'
+    scale_change = math.sqrt(_mean_sq_norm((a.weight - b.weight) * b.x_hat))
+    shift_change = float(torch.linalg.vector_norm(a.bias - b.bias))
+    return float(a.weight.abs().max()) * core + scale_change + shift_change
+
+
+def _u4(a: _Norm, b: _Norm) -> float:
+    """Pure unitization: k (max|g a| + max|g' a'|) + ||b - b'||  (= 2|alpha| k when held)."""
+    assert a.alpha is not None and b.alpha is not None
+    ra = float((a.weight * a.alpha).abs().max()) * a.k
+    rb = float((b.weight * b.alpha).abs().max()) * b.k
+    return ra + rb + float(torch.linalg.vector_norm(a.bias - b.bias))
+
+
+def _u5(a: _Norm, b: _Norm) -> float:
+    """The authors' layer, with the terms for a change of alpha, gamma and beta.
+
+    With A_i = x_hat_i (alpha/s_i + 1 - alpha) and the same with primes after the step:
+    A_i - A'_i = alpha (x_hat_i/s_i - y_hat_i/s'_i) + (1 - alpha)(x_hat_i - y_hat_i)
+                 + (alpha - alpha')(y_hat_i/s'_i - y_hat_i),
+    and the output gap is g (A_i - A'_i) + (g - g') A'_i + (b - b').
+    """
+    assert a.alpha is not None and b.alpha is not None
+    k = max(a.k, b.k)
+    gap = a.x_hat - b.x_hat
+    core = (
+        2.0 * k * float(a.alpha.abs().max())
+        + float((1.0 - a.alpha).abs().max()) * math.sqrt(_mean_sq_norm(gap))
+        + float((a.alpha - b.alpha).abs().max()) * (k + math.sqrt(_mean_sq_norm(b.x_hat)))
+    )
+    a_after = b.x_hat * (b.alpha * torch.reciprocal(_norms_over_k(b)) + 1.0 - b.alpha)
+    scale_change = math.sqrt(_mean_sq_norm((a.weight - b.weight) * a_after))
+    shift_change = float(torch.linalg.vector_norm(a.bias - b.bias))
+    return float(a.weight.abs().max()) * core + scale_change + shift_change
+
+
+def _norms_over_k(st: _Norm) -> torch.Tensor:
+    """s_i = sqrt(||x_hat_i||^2 / k^2 + eps), so that ||x_hat_i / s_i|| <= k."""
+    return torch.sqrt((st.x_hat * st.x_hat).sum(dim=1, keepdim=True) / st.k**2 + st.eps)
+
+
+def _check_unitized(x: torch.Tensor, st: _Norm, label: str, rtol: float) -> None:
+    """U4 assumes every output has norm <= max|g a| k around the shift; refuse otherwise."""
+    assert st.alpha is not None
+    radius = float((st.weight * st.alpha).abs().max()) * st.k
+    norms = torch.linalg.vector_norm(x - st.bias, dim=1)
+    worst = float(norms.max())
+    if worst > radius * (1 + rtol) + 1e-9:
+        raise ICSValueError(
+            f"`{label}` samples are not unitized: the largest ||{label}_i - bias|| is "
+            f"{worst:.6g} > max|weight * alpha| * k = {radius:.6g}; check `alpha` and `k`, "
+            "or use form='embedded' for the authors' layer"
+        )
+
+
+def bounds(
+    x: ArrayLike,
+    y: ArrayLike,
+    *,
+    before: NormState | None = None,
+    after: NormState | None = None,
+    n_projections: int = 128,
+    seed: int = 0,
+    coordinate_axes: bool = True,
+    rtol: float = RTOL,
+) -> dict[str, float]:
+    """Evaluate the theory's bounds of W1 between two paired samples.
+
+    Parameters
+    ----------
+    x, y : array_like, shape (n, d) and (m, d)
+        Layer outputs before and after the step (numpy or torch, any device; 1-D
+        means d = 1). The upper bounds need paired rows (n == m, row i from the same
+        probe input at both steps); with n != m only L1..L3 are returned.
+    before, after : NormState, optional
+        The normalization layer's internals at both steps. Given, the bound of that
+        layer is added: U3 for ``form="batchnorm"``, U4 for ``form="unitization"``,
+        U5 for ``form="embedded"`` (and U4 too when alpha == 1 at both steps, where the
+        authors' layer is a pure unitization).
+    n_projections : int
+        Random directions tried by L3 (POT's name); L3 also tries every coordinate
+        axis (``coordinate_axes``) and the direction of the mean gap, so L3 >= L1 and
+        L3 >= the ``max_sliced`` value of :func:`ics_toolkit.wasserstein` with the
+        same ``seed`` and ``n_projections``.
+    seed : int
+        Seed of L3's random directions (a private generator; global RNGs untouched).
+    coordinate_axes : bool
+        Whether L3 includes the d coordinate axes (the per-channel 1-D distances).
+    rtol : float
+        Tolerance of the premise check of U4 (outputs of norm <= |alpha| k).
+
+    Returns
+    -------
+    dict of str to float
+        ``L1``, ``L2``, ``L3`` always; ``U1`` (mean paired distance) and ``U2``
+        (root mean square paired distance) when n == m; ``U3``/``U4``/``U5`` as above.
+        Lower bounds are <= the exact W1 and upper bounds >= it; check a set of values
+        with :func:`check_order`.
+
+    Examples
+    --------
+    A pure translation: the exact W1 is the length of the shift, and so are L1 and U1.
+
+    >>> import numpy as np
+    >>> x = np.random.default_rng(0).normal(size=(64, 3))
+    >>> b = bounds(x, x + np.array([3.0, 4.0, 0.0]))
+    >>> round(b["L1"], 9), round(b["U1"], 9), round(b["U2"], 9)
+    (5.0, 5.0, 5.0)
+    """
+    from ics_toolkit.distances import columnwise_w1, projected_w1, random_directions
+
+    tx, ty = as_pair(x, y)
+    n, d = tx.shape
+    out: dict[str, float] = {}
+
+    gap = tx.mean(dim=0) - ty.mean(dim=0)
+    out["L1"] = float(torch.linalg.vector_norm(gap))
+    nx = torch.linalg.vector_norm(tx, dim=1)
+    ny = torch.linalg.vector_norm(ty, dim=1)
+    out["L2"] = abs(float(nx.mean() - ny.mean()))
+
+    dirs = random_directions(d, n_projections, seed=seed, device=tx.device, dtype=tx.dtype)
+    if out["L1"] > 0:
+        dirs = torch.cat([dirs, (gap / gap.norm()).unsqueeze(1)], dim=1)
+    l3 = float(projected_w1(tx, ty, dirs).max())
+    if coordinate_axes:
+        l3 = max(l3, float(columnwise_w1(tx, ty).max()))
+    out["L3"] = l3
+
+    if tx.shape[0] == ty.shape[0]:
+        dist = torch.linalg.vector_norm(tx - ty, dim=1)
+        out["U1"] = float(dist.mean())
+        out["U2"] = float(torch.sqrt((dist * dist).mean()))
+    elif before is not None or after is not None:
+        raise ICSValueError(
+            f"U3..U5 need paired samples (row i of `x` and `y` from the same probe input), "
+            f"got {tx.shape[0]} and {ty.shape[0]} rows"
+        )
+
+    if (before is None) != (after is None):
+        raise ICSValueError("pass both `before` and `after` NormState objects, or neither")
+    if before is not None and after is not None:
+        a, b = _prepare(before, after, n, d, tx)
+        if a.form == "batchnorm":
+            out["U3"] = _u3(a, b)
+        elif a.form == "unitization":
+            _check_unitized(tx, a, "x", rtol)
+            _check_unitized(ty, b, "y", rtol)
+            out["U4"] = _u4(a, b)
+        else:
+            out["U5"] = _u5(a, b)
+            assert a.alpha is not None and b.alpha is not None
+            if bool((a.alpha == 1).all()) and bool((b.alpha == 1).all()):
+                out["U4"] = _u4(a, b)
+    return out
