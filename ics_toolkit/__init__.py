@@ -56,9 +56,9 @@ _LAZY: dict[str, str] = {
     "wasserstein_many": "ics_toolkit.distances",
     "sampling_floor": "ics_toolkit.distances",
     # capturing layer outputs
-    "capture": "ics_toolkit.capture",
-    "dry_run": "ics_toolkit.capture",
-    "Recorder": "ics_toolkit.capture",
+    "capture": "ics_toolkit.recording",
+    "dry_run": "ics_toolkit.recording",
+    "Recorder": "ics_toolkit.recording",
     # bounds, the monitor and its results
     "bounds": "ics_toolkit.bounding",
     "ICSMonitor": "ics_toolkit.monitor",
@@ -89,9 +89,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static type checkers see the real names
     from ics_toolkit.bounding import bounds
-    from ics_toolkit.capture import Recorder, capture, dry_run
     from ics_toolkit.distances import sampling_floor, wasserstein, wasserstein_many
     from ics_toolkit.gradient_shift import gradient_ics
     from ics_toolkit.monitor import ICSMonitor
     from ics_toolkit.nn import replace_norm
+    from ics_toolkit.recording import Recorder, capture, dry_run
     from ics_toolkit.results import load_results, to_wide

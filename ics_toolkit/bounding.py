@@ -97,6 +97,11 @@ class NormState:
         The ``eps`` inside ``s_i``.
     form : {"batchnorm", "unitization", "embedded"}
         Which layer produced the outputs.
+    s : array_like, shape (n,), optional
+        ``sqrt(||x_hat||^2 / k^2 + eps)`` of the whole sample each row belongs to. By
+        default it is computed from the rows of ``x_hat``; pass it when the rows are
+        parts of samples (the ``pixel`` view: each row is one position of an image,
+        and the layer divided by the norm of the whole image).
     """
 
     x_hat: ArrayLike | None
@@ -106,6 +111,7 @@ class NormState:
     k: float = 1.0
     eps: float = 0.0
     form: Form = "batchnorm"
+    s: ArrayLike | None = None
 
 
 @dataclass(frozen=True)
@@ -202,6 +208,7 @@ class _Norm:
     k: float
     eps: float
     form: str
+    s: torch.Tensor | None
 
 
 def _prepare(before: NormState, after: NormState, n: int, d: int, like: torch.Tensor):
@@ -238,6 +245,7 @@ def _prepare(before: NormState, after: NormState, n: int, d: int, like: torch.Te
                 k=float(st.k),
                 eps=float(st.eps),
                 form=st.form,
+                s=_per_sample(st.s, n, f"{label}.s", like),
             )
         )
     if out[0].form != out[1].form:
@@ -246,6 +254,17 @@ def _prepare(before: NormState, after: NormState, n: int, d: int, like: torch.Te
             "both steps must describe the same layer"
         )
     return out[0], out[1]
+
+
+def _per_sample(value: ArrayLike | None, n: int, name: str, like: torch.Tensor):
+    if value is None:
+        return None
+    t = to_tensor(value, name).to(device=like.device, dtype=torch.float64).reshape(-1, 1)
+    if t.shape[0] != n:
+        raise ICSValueError(f"`{name}` must have one entry per sample (n = {n}), got {t.shape[0]}")
+    if not bool((t > 0).all()):
+        raise ICSValueError(f"`{name}` must be positive (a norm plus eps)")
+    return t
 
 
 def _mean_sq_norm(t: torch.Tensor) -> float:
@@ -296,6 +315,8 @@ def _u5(a: _Norm, b: _Norm) -> float:
 
 def _norms_over_k(st: _Norm) -> torch.Tensor:
     """s_i = sqrt(||x_hat_i||^2 / k^2 + eps), so that ||x_hat_i / s_i|| <= k."""
+    if st.s is not None:
+        return st.s
     return torch.sqrt((st.x_hat * st.x_hat).sum(dim=1, keepdim=True) / st.k**2 + st.eps)
 
 
@@ -341,7 +362,8 @@ def bounds(
         Random directions tried by L3 (POT's name); L3 also tries every coordinate
         axis (``coordinate_axes``) and the direction of the mean gap, so L3 >= L1 and
         L3 >= the ``max_sliced`` value of :func:`ics_toolkit.wasserstein` with the
-        same ``seed`` and ``n_projections``.
+        same ``seed`` and ``n_projections``. 0 tries no random direction (a caller
+        that computed ``max_sliced`` already takes the larger of the two).
     seed : int
         Seed of L3's random directions (a private generator; global RNGs untouched).
     coordinate_axes : bool
@@ -379,10 +401,12 @@ def bounds(
     ny = torch.linalg.vector_norm(ty, dim=1)
     out["L2"] = abs(float(nx.mean() - ny.mean()))
 
-    dirs = random_directions(d, n_projections, seed=seed, device=tx.device, dtype=tx.dtype)
-    if out["L1"] > 0:
-        dirs = torch.cat([dirs, (gap / gap.norm()).unsqueeze(1)], dim=1)
-    l3 = float(projected_w1(tx, ty, dirs).max())
+    dirs = [(gap / gap.norm()).unsqueeze(1)] if out["L1"] > 0 else []
+    if n_projections:
+        dirs.append(
+            random_directions(d, n_projections, seed=seed, device=tx.device, dtype=tx.dtype)
+        )
+    l3 = float(projected_w1(tx, ty, torch.cat(dirs, dim=1)).max()) if dirs else 0.0
     if coordinate_axes:
         l3 = max(l3, float(columnwise_w1(tx, ty).max()))
     out["L3"] = l3

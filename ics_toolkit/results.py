@@ -29,7 +29,7 @@ COLUMNS: dict[str, str] = {
     "run": "string",  # one monitor's results (several runs can share a folder)
     "step": "Int64",  # the optimizer step t whose update t -> t+1 was measured
     "layer": "string",  # capture key: module name as named_modules() spells it (+ "#k")
-    "view": "string",  # flatten | pixel | channel | param | "" (step-level events)
+    "view": "string",  # flatten | pixel | channel | param; NA for step-level events
     "quantity": "string",  # a wasserstein method, a bound (U1..U5, L1..L3), floor_*, drift_*
     "value": "float64",
     "kind": "string",  # estimate | lower | upper | floor | drift | gradient | event
@@ -158,7 +158,9 @@ def load_results(path: str | os.PathLike[str]) -> pd.DataFrame:
         if f.suffix == ".parquet":
             frames.append(pd.read_parquet(f))
         elif f.suffix == ".csv":
-            frames.append(pd.read_csv(f, keep_default_na=True, dtype={"run": str}))
+            # text columns stay text: a layer named "1" must not come back as 1.0
+            text = {c: str for c, t in COLUMNS.items() if t == "string"}
+            frames.append(pd.read_csv(f, dtype=text))
         else:
             raise ICSValueError(f"cannot read {str(f)!r}: expected a .csv or .parquet file")
     df = _frame(pd.concat(frames, ignore_index=True).to_dict("records"))

@@ -40,3 +40,21 @@ def test_unknown_attribute_raises_attribute_error():
         assert "does_not_exist" in str(err)
     else:  # pragma: no cover
         raise AssertionError("expected AttributeError")
+
+
+def test_every_public_name_resolves_even_after_its_module_is_imported():
+    code = (
+        "import importlib, ics_toolkit as ics\n"
+        "for mod in set(ics._LAZY.values()):\n"
+        "    importlib.import_module(mod)\n"
+        "bad = [n for n in ics.__all__ if n != '__version__' and not callable(getattr(ics, n))]\n"
+        "print(bad, callable(ics.capture), callable(ics.bounds))"
+    )
+    assert _run(code) == "[] True True"
+
+
+def test_submodules_are_reachable_as_attributes():
+    import ics_toolkit as ics
+
+    assert ics.nn.Unitization.__name__ == "Unitization"
+    assert callable(ics.views.flatten)

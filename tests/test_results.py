@@ -9,7 +9,7 @@ import ics_toolkit as ics
 from ics_toolkit.results import COLUMNS, ResultWriter
 
 
-def _rows(step, layers=("bn1", "bn2")):
+def _rows(step, layers=("bn1", "2")):
     return [
         {"step": step, "layer": layer, "view": "flatten", "quantity": q, "value": v, "kind": k}
         for layer in layers
@@ -27,7 +27,7 @@ def test_parts_round_trip_with_types(tmp_path, fmt):
     assert len(df) == 8
     assert df["step"].dtype == "Int64" and df["value"].dtype == "float64"
     assert set(df["run"]) == {"r1"}
-    pick = (df.step == 10) & (df.layer == "bn2") & (df.quantity == "U1")
+    pick = (df.step == 10) & (df.layer == "2") & (df.quantity == "U1")  # "2" stays text
     assert df.loc[pick, "value"].item() == 12.0
 
 

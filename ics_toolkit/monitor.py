@@ -1,0 +1,604 @@
+"""ICSMonitor: measure every layer's internal covariate shift across training.
+
+The monitor is a two-step quantity. Before a scheduled optimizer step it captures
+the layers' outputs on a fixed probe; after the step it captures them again and
+turns the pair into rows (W1 estimators, sampling floors, the theory's bounds,
+moment drift and, on request, Santurkar et al.'s gradient ICS) filed under the step
+t of the update t -> t+1. Then the cached capture is freed.
+
+Lifecycle::
+
+    monitor = ICSMonitor(model, probe, every=10)
+    monitor.attach(optimizer)        # optimizer step pre/post hooks; the loop stays as it is
+    ...                              # train
+    df = monitor.results()           # the tidy table (ics_toolkit.results.COLUMNS)
+    monitor.detach()
+
+or, for custom loops (gradient accumulation, closures, several optimizers)::
+
+    with monitor.step():             # or monitor.before_step() ... monitor.after_step()
+        optimizer.step()
+
+Measuring never changes the run: probe passes run without autograd, restore every
+buffer, train/eval flag and RNG state (``ics_toolkit.recording``), and unscheduled
+steps cost one counter increment and one schedule call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ics_toolkit._selection import is_norm
+from ics_toolkit.bounding import RTOL
+from ics_toolkit.distances import METHODS
+from ics_toolkit.errors import (
+    ICSError,
+    ICSRuntimeWarning,
+    ICSTypeError,
+    ICSUsageError,
+    ICSValueError,
+    ICSWarning,
+)
+from ics_toolkit.recording import Recorder
+from ics_toolkit.results import ResultWriter, _frame
+from ics_toolkit.schedules import as_schedule
+from ics_toolkit.shift import MeasureConfig, StepCapture, _event, measure_step, norm_snapshot
+from ics_toolkit.views import VIEWS
+
+__all__ = ["ICSMonitor"]
+
+Probe = Any  # Tensor | tuple | dict | torch.utils.data.DataLoader
+
+
+def _draw_probe(loader: Any, size: int, seed: int) -> tuple[Any, Any]:
+    """A fixed, seeded probe from a DataLoader's dataset, without touching any global RNG.
+
+    Iterating the loader would draw its shuffle order from the global RNG (and so
+    shift the training run); indexing its dataset with a private generator does not.
+    """
+    dataset = loader.dataset
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise ICSTypeError(
+            "`probe` is a DataLoader over an iterable-style dataset; pass a fixed probe "
+            "batch (a tensor, tuple or dict) instead"
+        )
+    n = len(dataset)
+    if n < 2:
+        raise ICSValueError(f"`probe` DataLoader's dataset has {n} sample(s); need at least 2")
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(n, generator=gen)[: min(size, n)].sort().values.tolist()
+    collate = loader.collate_fn or torch.utils.data.default_collate
+    batch = collate([dataset[i] for i in idx])
+    if isinstance(batch, list | tuple) and len(batch) >= 2:
+        return batch[0], batch[1]  # (inputs, targets) datasets
+    return batch, None
+
+
+def _to_device(obj: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to_device(o, device) for o in obj)
+    if isinstance(obj, Mapping):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+class ICSMonitor:
+    """Measure internal covariate shift per layer around optimizer steps.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network being trained (also wrapped in DDP or ``torch.compile``; see
+        :func:`ics_toolkit.capture`).
+    probe : Tensor, tuple, dict or DataLoader
+        The fixed probe inputs, in the forms :func:`ics_toolkit.capture` takes, on the
+        model's device; or a ``DataLoader``, from whose dataset ``probe_size`` samples
+        are drawn once with a private generator seeded by ``seed`` (for ``(input,
+        target)`` datasets the inputs are the probe and the targets serve the gradient
+        ICS). At least 2 inputs.
+    layers : selector
+        Which layers to measure (see :func:`ics_toolkit.capture`); default every
+        normalization layer.
+    every : int, list of int, callable or str
+        The schedule: measure every k optimizer steps (from step 0), the listed steps,
+        the steps where ``every(step)`` is true, or ``"log:END[:N]"`` (see
+        :mod:`ics_toolkit.schedules`).
+    methods : sequence of str
+        :func:`ics_toolkit.wasserstein` methods computed on the ``flatten`` and
+        ``pixel`` views (the ``channel`` view always uses ``per_coordinate``). Cost:
+        ``exact`` is O(n^3) in the probe size n (fine to a few thousand); ``sliced``
+        and ``max_sliced`` are lower bounds, far below W1 in high dimension.
+    views : sequence of {"flatten", "pixel", "channel"}
+        How a layer output becomes samples (see :mod:`ics_toolkit.views`).
+    where : {"output", "input", "both"}
+        Measure the layers' outputs, inputs (keys ``name:input``) or both.
+    bounds : bool
+        Evaluate the theory's bounds (L1-L3, U1, U2 always; U3 for BatchNorm, U5 (and
+        U4 at alpha = 1) for Unitization layers, on the normalized values they produced
+        with their affine parameters and alpha at both steps) and check their order.
+    floor : bool
+        Report each method's sampling floor (W1 between two random halves of the
+        probe at step t): shifts near it are indistinguishable from sampling noise.
+    moments : bool
+        Report the moment drift (``drift_mean``, ``drift_var``, ``drift_m4``,
+        ``drift_norm_var``).
+    gradient : bool
+        Also compute Santurkar et al.'s gradient ICS of every weighted layer
+        (``grad_ics_l2``, ``grad_ics_cos``, ``grad_norm`` rows, view ``"param"``); needs
+        ``loss_fn`` and targets (``targets`` or a DataLoader probe). Costs one
+        forward-backward per weighted layer per measured step.
+    loss_fn : callable, optional
+        ``loss_fn(model(probe), targets) -> scalar`` for the gradient ICS.
+    targets : Any, optional
+        Targets of the probe for the gradient ICS.
+    n_projections : int
+        Random directions of ``sliced``, ``max_sliced`` and L3 (POT's name).
+    seed : int
+        Seeds every random choice (directions, pixel subsamples, halves of the floor,
+        the probe draw, dropout masks of the probe passes), each with a private
+        generator: the training run's random stream is not touched.
+    probe_size : int
+        Samples drawn from a DataLoader probe.
+    max_pixel_samples : int
+        Cap on the rows of the ``pixel`` view (seeded subsample, same rows at both steps).
+    mode : {"train", "eval", "keep"}
+        Module mode of the probe passes: ``"train"`` normalizes with the probe's own
+        batch statistics (what the next layer sees in training).
+    path : str or Path, optional
+        Folder to append results to as they are measured (one part file per measured
+        step; read with :func:`ics_toolkit.load_results`, also after a crash).
+    format : {"csv", "parquet"}
+        Format of the parts.
+    run : str, optional
+        Label of this run in the ``run`` column (default: a random id).
+    capture_dtype : torch.dtype
+        Storage dtype of captured activations (the analysis is float64).
+    rtol : float
+        Tolerance of the bound checks (:data:`ics_toolkit.bounding.RTOL`).
+    method_options : dict, optional
+        Extra options per method, e.g. ``{"sinkhorn": {"reg": 0.05}}``.
+
+    Attributes
+    ----------
+    step_count : int
+        Optimizer steps seen so far (the index the next step gets).
+    update_count : int
+        Steps measured so far.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> import ics_toolkit as ics
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> monitor = ics.ICSMonitor(model, torch.randn(32, 4), every=2)
+    >>> monitor.attach(opt)
+    >>> for _ in range(4):
+    ...     opt.zero_grad()
+    ...     model(torch.randn(16, 4)).square().mean().backward()
+    ...     opt.step()
+    >>> df = monitor.results()
+    >>> sorted(df.step.unique().tolist()), bool(df.bounds_hold.all())
+    ([0, 2], True)
+    >>> monitor.detach()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probe: Probe,
+        *,
+        layers: Any = "norm",
+        every: int | Iterable[int] | Callable[[int], bool] | str = 10,
+        methods: Sequence[str] = ("exact", "max_sliced", "sliced"),
+        views: Sequence[str] = ("flatten",),
+        where: str = "output",
+        bounds: bool = True,
+        floor: bool = True,
+        moments: bool = True,
+        gradient: bool = False,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        targets: Any = None,
+        n_projections: int = 128,
+        seed: int = 0,
+        probe_size: int = 256,
+        max_pixel_samples: int = 1024,
+        mode: str = "train",
+        path: str | os.PathLike[str] | None = None,
+        format: str = "csv",
+        run: str | None = None,
+        capture_dtype: torch.dtype = torch.float32,
+        rtol: float = RTOL,
+        method_options: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ICSTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.schedule = as_schedule(every)
+        methods = (methods,) if isinstance(methods, str) else tuple(methods)
+        views = (views,) if isinstance(views, str) else tuple(views)
+        bad = [m for m in methods if m not in METHODS]
+        if bad or not methods:
+            raise ICSValueError(
+                f"unknown method(s) {bad} in `methods`; choose from {', '.join(METHODS)}"
+            )
+        bad = [v for v in views if v not in VIEWS]
+        if bad or not views:
+            raise ICSValueError(f"unknown view(s) {bad} in `views`; choose from {', '.join(VIEWS)}")
+        if where not in ("output", "input", "both"):
+            raise ICSValueError(f"`where` must be 'output', 'input' or 'both', got {where!r}")
+        for name, value in (("n_projections", n_projections), ("probe_size", probe_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ICSValueError(f"`{name}` must be a positive int, got {value!r}")
+        self.config = MeasureConfig(
+            methods=methods,
+            views=views,
+            floor=bool(floor),
+            bounds=bool(bounds),
+            moments=bool(moments),
+            n_projections=n_projections,
+            seed=seed,
+            max_pixel_samples=max_pixel_samples,
+            rtol=rtol,
+            method_options=dict(method_options or {}),
+        )
+        self.where = where
+
+        device = next((p.device for p in model.parameters()), None)
+        if isinstance(probe, torch.utils.data.DataLoader):
+            probe, loader_targets = _draw_probe(probe, probe_size, seed)
+            probe = _to_device(probe, device)
+            targets = loader_targets if targets is None else targets
+        self.probe = probe
+        self.targets = _to_device(targets, device) if targets is not None else None
+        self.gradient = bool(gradient)
+        self.loss_fn = loss_fn
+        if self.gradient and (loss_fn is None or self.targets is None):
+            raise ICSValueError(
+                "gradient=True needs `loss_fn` and targets: pass targets=... or a DataLoader "
+                "probe of (input, target) pairs"
+            )
+
+        def sites(name: str, module: nn.Module) -> str:
+            # bound layers need their input too, for the normalized values of U3 / U5
+            return "both" if self.config.bounds and _bound_layer(module) else where
+
+        self.recorder = Recorder(
+            model, layers, sites, dtype=capture_dtype, mode=mode, seed=seed, device="model"
+        )
+        self._train_mode = mode
+        self._check_probe()
+
+        self.writer = ResultWriter(path, format=format, run=run) if path is not None else None
+        self.run = self.writer.run if self.writer is not None else (run or "")
+        self._rows: list[dict[str, Any]] = []
+        self._frame_cache: Any = None
+        self._handles: list[Any] = []
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._params = [p for p in model.parameters()]
+        self.step_count = 0
+        self.update_count = 0
+        self._current: int | None = None  # step index between before_step and after_step
+        self._pending: dict[str, Any] | None = None  # the cached capture at step t
+
+    # ------------------------------------------------------------------ setup checks
+    def _check_probe(self) -> None:
+        """Run the probe once (side-effect free) so that a probe that does not fit fails now."""
+        try:
+            table = self.recorder.dry_run(self.probe)
+        except ICSError:
+            raise
+        except Exception as err:
+            raise ICSValueError(
+                f"the probe does not fit the model: its forward pass raised "
+                f"{type(err).__name__}: {err}. Pass probe inputs the model accepts "
+                "(a tensor, a tuple of positional arguments or a dict of keyword arguments)"
+            ) from err
+        missing = table.loc[table["calls"] == 0, "name"].tolist()
+        if missing:
+            raise ICSValueError(
+                f"selected layer(s) {missing} never ran in the forward pass of the probe; "
+                "choose other `layers` or check the model's forward"
+            )
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Measure around ``optimizer.step()`` through its step pre/post hooks.
+
+        Attaching to the optimizer it is already attached to only warns. A step the
+        optimizer skips entirely (``GradScaler`` on inf/NaN gradients) is invisible
+        here; use :meth:`step` / :meth:`before_step` around ``scaler.step`` to record it.
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ICSTypeError(
+                f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if self._optimizer is optimizer:
+            warnings.warn("the monitor is already attached to this optimizer", ICSWarning, 2)
+            return
+        if self._optimizer is not None:
+            raise ICSUsageError(
+                "the monitor is already attached to another optimizer; detach() first, or "
+                "use monitor.step() around your own steps for several optimizers"
+            )
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not any(id(p) in owned for p in self._params):
+            raise ICSValueError(
+                "`optimizer` does not own any parameter of the monitored model; pass the "
+                "optimizer that trains this model"
+            )
+        self._handles = [
+            optimizer.register_step_pre_hook(_PreHook(self)),
+            optimizer.register_step_post_hook(_PostHook(self)),
+        ]
+        self._optimizer = optimizer
+
+    def detach(self) -> None:
+        """Remove the optimizer hooks (warns if not attached). Results are kept."""
+        if self._optimizer is None:
+            warnings.warn("detach() called on a monitor that is not attached", ICSWarning, 2)
+            return
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._optimizer = None
+        self._pending = None
+        self._current = None
+
+    @property
+    def attached(self) -> bool:
+        """Whether the monitor is attached to an optimizer."""
+        return self._optimizer is not None
+
+    def before_step(self, step: int | None = None) -> None:
+        """Call right before an optimizer step (custom loops; :meth:`attach` does it for you).
+
+        Parameters
+        ----------
+        step : int, optional
+            The step's index; default the monitor's own count (:attr:`step_count`).
+        """
+        if self._current is not None:
+            raise ICSUsageError(
+                f"before_step() called twice without after_step() (step {self._current} "
+                "is still open)"
+            )
+        self._current = self.step_count if step is None else int(step)
+        if not self.schedule(self._current):
+            return
+        before = self._capture()
+        self._pending = {
+            "capture": before,
+            "versions": [p._version for p in self._params],
+            "values": [p.detach().clone() for p in self._params]
+            if self.gradient or _fused(self._optimizer)
+            else None,
+            "params": {n: p.detach().clone() for n, p in self.model.named_parameters()}
+            if self.gradient
+            else None,
+        }
+
+    def after_step(self) -> None:
+        """Call right after the optimizer step opened by :meth:`before_step`."""
+        if self._current is None:
+            raise ICSUsageError("after_step() called without before_step()")
+        step, pending = self._current, self._pending
+        self._current, self._pending = None, None
+        self.step_count = step + 1
+        if pending is None:
+            return
+        if self._skipped(pending):
+            msg = (
+                f"step {step}: the optimizer step changed no parameter (a GradScaler skip on "
+                "inf/NaN gradients, or a gradient-accumulation micro-step); nothing measured"
+            )
+            warnings.warn(msg, ICSRuntimeWarning, stacklevel=2)
+            self._emit([_event(step, None, "skipped_step", msg)])
+            return
+        start = time.perf_counter()
+        after = self._capture()
+        keys = [k for k in pending["capture"].tensors if self._measured(k)]
+        rows = measure_step(step, pending["capture"], after, self.config, keys)
+        if self.gradient:
+            rows.extend(self._gradient_rows(step, pending["params"]))
+        rows.append(
+            {
+                **_event(step, None, "measure_time_s", ""),
+                "value": time.perf_counter() - start,
+                "warning": None,
+            }
+        )
+        self.update_count += 1
+        self._emit(rows)
+
+    def abort_step(self, reason: str = "the training step raised") -> None:
+        """Drop the open step without measuring it, recording an ``aborted`` event."""
+        if self._current is None:
+            return
+        step, measured = self._current, self._pending is not None
+        self._current, self._pending = None, None
+        if measured:
+            self._emit([_event(step, None, "aborted", f"step {step} not measured: {reason}")])
+
+    @contextlib.contextmanager
+    def step(self, step: int | None = None) -> Iterator[None]:
+        """Context manager around one optimizer step: ``with monitor.step(): opt.step()``.
+
+        If the block raises, the step is recorded as ``aborted`` and the exception
+        propagates unchanged.
+        """
+        self.before_step(step)
+        try:
+            yield
+        except BaseException as err:
+            self.abort_step(f"{type(err).__name__}: {err}")
+            raise
+        self.after_step()
+
+    # ------------------------------------------------------------------ results
+    def results(self) -> Any:
+        """The tidy results table (a pandas DataFrame, cached until the next measured step).
+
+        Columns are :data:`ics_toolkit.results.COLUMNS`; pivot with
+        :func:`ics_toolkit.to_wide`. Warns when no step has been measured yet.
+        """
+        if not self._rows:
+            warnings.warn(
+                "no step measured yet; results() is empty (check `every` and attach())",
+                ICSWarning,
+                stacklevel=2,
+            )
+        if self._frame_cache is None:
+            self._frame_cache = _frame({"run": self.run or None, **r} for r in self._rows)
+        return self._frame_cache.copy()
+
+    compute = results
+
+    def reset(self) -> None:
+        """Forget the rows kept in memory and the step count (files on disk are kept)."""
+        self._rows, self._frame_cache = [], None
+        self.step_count = self.update_count = 0
+        self._current = self._pending = None
+
+    def __repr__(self) -> str:
+        state = "attached" if self.attached else "detached"
+        return (
+            f"ICSMonitor({len(self.recorder.names)} layers, methods={list(self.config.methods)}, "
+            f"views={list(self.config.views)}, {state}, steps={self.step_count}, "
+            f"measured={self.update_count})"
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _measured(self, key: str) -> bool:
+        is_input = key.endswith(":input")
+        return (self.where == "both") or (is_input == (self.where == "input"))
+
+    def _capture(self) -> StepCapture:
+        tensors = self.recorder.run(self.probe)
+        info = self.recorder.info
+        norms = {}
+        training = self._train_mode == "train"
+        for key, inf in info.items():
+            if not key.endswith(":input"):
+                continue
+            out_key = key[: -len(":input")]
+            if self._train_mode == "keep":
+                training = inf.module.training
+            snap = norm_snapshot(inf.module, tensors[key], training=training)
+            if snap is not None:
+                norms[out_key] = snap
+        for key in [k for k in tensors if k.endswith(":input") and not self._measured(k)]:
+            del tensors[key]  # captured only for the normalized values
+        return StepCapture(tensors=tensors, info=info, norms=norms)
+
+    def _skipped(self, pending: Mapping[str, Any]) -> bool:
+        versions = [p._version for p in self._params]
+        if versions == pending["versions"]:
+            return True
+        values = pending["values"]
+        if values is None:
+            return False
+        return all(torch.equal(v, p.detach()) for v, p in zip(values, self._params, strict=True))
+
+    def _gradient_rows(self, step: int, before: Mapping[str, torch.Tensor]) -> list[dict]:
+        from ics_toolkit.gradient_shift import gradient_ics
+
+        start = time.perf_counter()
+        try:
+            out = gradient_ics(
+                self.recorder._runner,
+                self.loss_fn,  # type: ignore[arg-type]
+                self.probe,
+                self.targets,
+                {k.removeprefix("module."): v for k, v in before.items()}
+                if self.recorder._runner is not self.model
+                else before,
+                mode=self._train_mode if self._train_mode != "keep" else "train",
+                seed=self.config.seed,
+            )
+        except ICSError as err:
+            return [_event(step, None, "gradient_failed", str(err))]
+        seconds = (time.perf_counter() - start) / max(len(out), 1)
+        rows = []
+        for layer, values in out.items():
+            for q, v in values.items():
+                rows.append(
+                    {
+                        "step": step,
+                        "layer": layer,
+                        "view": "param",
+                        "quantity": q,
+                        "value": v,
+                        "kind": "gradient",
+                        "wall_time_s": seconds / len(values),
+                        "seed": self.config.seed,
+                    }
+                )
+        return rows
+
+    def _emit(self, rows: list[dict[str, Any]]) -> None:
+        self._rows.extend(rows)
+        self._frame_cache = None
+        if self.writer is not None:
+            self.writer.write(rows)
+
+
+def _bound_layer(module: nn.Module) -> bool:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return isinstance(module, _BatchNorm) or (
+        is_norm(module) and type(module).__name__.startswith("Unitization")
+    )
+
+
+def _fused(optimizer: torch.optim.Optimizer | None) -> bool:
+    """Fused / foreach-capable optimizers may skip inside step() (GradScaler's found_inf)."""
+    if optimizer is None:
+        return True
+    return any(g.get("fused") for g in optimizer.param_groups)
+
+
+class _PreHook:
+    """Optimizer step pre-hook: opens the step (a small object, so optimizers stay picklable)."""
+
+    def __init__(self, monitor: ICSMonitor) -> None:
+        import weakref
+
+        self._monitor = weakref.ref(monitor)
+
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        monitor = self._monitor()
+        if monitor is None:
+            return
+        if monitor._current is not None:  # the last step raised between the hooks
+            monitor.abort_step("the previous optimizer step raised before finishing")
+        monitor.before_step()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._monitor = lambda: None
+
+
+class _PostHook(_PreHook):
+    """Optimizer step post-hook: measures the step."""
+
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        monitor = self._monitor()
+        if monitor is not None and monitor._current is not None:
+            monitor.after_step()
