@@ -128,9 +128,11 @@ class ICSMonitor:
         Evaluate the theory's bounds (L1-L3, U1, U2 always; U3 for BatchNorm, U5 (and
         U4 at alpha = 1) for Unitization layers, on the normalized values they produced
         with their affine parameters and alpha at both steps) and check their order.
-    floor : bool
-        Report each method's sampling floor (W1 between two random halves of the
-        probe at step t): shifts near it are indistinguishable from sampling noise.
+    floor : bool or sequence of str
+        Report the sampling floor (W1 between two random halves of the probe at step
+        t, the noise level of a W1 estimate; see docs/theory.md) of the first of
+        ``methods`` (True), of the listed methods, or of none (False). The ``channel``
+        view reports the floor of ``per_coordinate``.
     moments : bool
         Report the moment drift (``drift_mean``, ``drift_var``, ``drift_m4``,
         ``drift_norm_var``).
@@ -208,7 +210,7 @@ class ICSMonitor:
         views: Sequence[str] = ("flatten",),
         where: str = "output",
         bounds: bool = True,
-        floor: bool = True,
+        floor: bool | Sequence[str] = True,
         moments: bool = True,
         gradient: bool = False,
         loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
@@ -247,7 +249,7 @@ class ICSMonitor:
         self.config = MeasureConfig(
             methods=methods,
             views=views,
-            floor=bool(floor),
+            floor=_floor_methods(floor, methods),
             bounds=bool(bounds),
             moments=bool(moments),
             n_projections=n_projections,
@@ -555,6 +557,21 @@ class ICSMonitor:
         self._frame_cache = None
         if self.writer is not None:
             self.writer.write(rows)
+
+
+def _floor_methods(floor: bool | Sequence[str], methods: tuple[str, ...]) -> tuple[str, ...]:
+    if floor is True:
+        return tuple(m for m in methods if m != "paired")[:1]
+    if floor is False or floor is None:
+        return ()
+    chosen = (floor,) if isinstance(floor, str) else tuple(floor)
+    bad = [m for m in chosen if m not in methods or m == "paired"]
+    if bad:
+        raise ICSValueError(
+            f"`floor` names {bad}, which are not among `methods` {list(methods)} or have no "
+            "floor (paired needs paired rows); pass True, False or a subset of `methods`"
+        )
+    return chosen
 
 
 def _bound_layer(module: nn.Module) -> bool:

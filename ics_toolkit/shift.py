@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ics_toolkit._arrays import checked_finite
 from ics_toolkit.bounding import RTOL, NormState, bounds, check_order
 from ics_toolkit.distances import sampling_floor, wasserstein, wasserstein_many
 from ics_toolkit.errors import ICSError, ICSWarning
@@ -31,8 +32,6 @@ __all__ = ["MeasureConfig", "NormSnapshot", "StepCapture", "measure_step", "norm
 
 #: Methods computed fused over all layers by ``wasserstein_many``.
 _BATCHED = ("sliced", "max_sliced", "per_coordinate")
-#: Methods whose sampling floor is reported (paired needs paired rows; halves are not).
-_FLOORED = ("exact", "sliced", "max_sliced", "sinkhorn", "per_coordinate")
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class MeasureConfig:
 
     methods: tuple[str, ...] = ("exact", "max_sliced", "sliced")
     views: tuple[str, ...] = ("flatten",)
-    floor: bool = True
+    floor: tuple[str, ...] = ("exact",)  # methods whose sampling floor is reported
     bounds: bool = True
     moments: bool = True
     n_projections: int = 128
@@ -96,12 +95,14 @@ def norm_snapshot(module: nn.Module, x: torch.Tensor, *, training: bool) -> Norm
     was = module.training
     try:
         module.training = training  # normalized() picks batch or running statistics by it
-        out = normalized(module, x, dtype=torch.float64)
+        # in the storage dtype: x_hat is stored in it anyway, and float64 here would
+        # double the cost of a measured step's norm layers for digits nobody keeps
+        out = normalized(module, x, dtype=None)
     finally:
         module.training = was
     unit = isinstance(module, Unitization)
     return NormSnapshot(
-        x_hat=out.x_hat.to(x.dtype),
+        x_hat=out.x_hat,
         weight=_vector(module.weight),
         bias=_vector(module.bias),
         alpha=_vector(out.alpha) if unit else None,
@@ -211,31 +212,64 @@ def measure_step(
                 if name == "pixel"
                 else {}
             )
-            xv = view(x, name, info, **opts)
-            yv = view(y, name, info, **opts)
+            # float64 once here, not in every estimator below
+            xv = view(x, name, info, **opts).to(torch.float64)
+            yv = view(y, name, info, **opts).to(torch.float64)
             groups[(key, name)] = {"x": xv, "y": yv, "opts": opts, "rows": []}
+    with checked_finite():  # every tensor was scanned for NaN / Inf above
+        _measure_groups(step, groups, before, after, config)
+    for (key, name), g in groups.items():
+        n, d = int(g["x"].shape[0]), int(g["x"].shape[1])
+        for row in g["rows"]:
+            row.update(step=step, layer=key, view=name, n_samples=n, dim=d)
+            row.setdefault("seed", config.seed)
+            rows.append(row)
+    return rows
 
+
+def _measure_groups(
+    step: int,
+    groups: dict[tuple[str, str], dict[str, Any]],
+    before: StepCapture,
+    after: StepCapture,
+    config: MeasureConfig,
+) -> None:
+    """Fill ``groups[...]["rows"]``: estimators, floors, bounds, drift and the check."""
     for (_, name), g in groups.items():
         methods = ("per_coordinate",) if name == "channel" else config.methods
         g["methods"] = [m for m in methods if m not in _BATCHED]
         g["batched"] = [m for m in methods if m in _BATCHED]
 
-    # the fused path: one call per batched method over every (layer, view)
-    for method in _BATCHED:
-        pairs = {gk: (g["x"], g["y"]) for gk, g in groups.items() if method in g["batched"]}
+    # the fused path: one call per kernel over every (layer, view); sliced and max_sliced
+    # are the mean and the max of the same per-direction distances, so they share a call
+    for kernel in ("sliced", "per_coordinate"):
+        wanted = ("sliced", "max_sliced") if kernel == "sliced" else (kernel,)
+        pairs = {
+            gk: (g["x"], g["y"])
+            for gk, g in groups.items()
+            if any(m in g["batched"] for m in wanted)
+        }
         if not pairs:
             continue
         start = time.perf_counter()
-        values = wasserstein_many(
+        values, logs = wasserstein_many(
             pairs,
-            method,
+            kernel,
             n_projections=config.n_projections,
             seed=config.seed,
-            **config.method_options.get(method, {}),
+            log=True,
+            **config.method_options.get(kernel, {}),
         )
-        seconds = time.perf_counter() - start
+        seconds = (time.perf_counter() - start) / len(pairs)
         for gk, value in values.items():
-            _estimate_rows(groups[gk], method, value, seconds / len(pairs), config)
+            g = groups[gk]
+            if kernel == "per_coordinate":
+                _estimate_rows(g, kernel, value, seconds, config)
+                continue
+            per_direction = logs[gk]["per_direction"]
+            for method in [m for m in wanted if m in g["batched"]]:
+                v = value if method == "sliced" else float(per_direction.max())
+                _estimate_rows(g, method, v, seconds, config)
 
     for g in groups.values():
         for method in g["methods"]:
@@ -259,7 +293,10 @@ def measure_step(
     for (key, name), g in groups.items():
         x, y = g["x"], g["y"]
         if config.floor:
-            for method in [m for m in (*g["batched"], *g["methods"]) if m in _FLOORED]:
+            floored = [m for m in (*g["batched"], *g["methods"]) if m in config.floor]
+            if name == "channel":
+                floored = ["per_coordinate"]
+            for method in floored:
                 opts = dict(config.method_options.get(method, {}))
                 if method in ("sliced", "max_sliced"):
                     opts.update(n_projections=config.n_projections)
@@ -282,12 +319,6 @@ def measure_step(
             for q, v in drift.items():
                 g["rows"].append(_row("drift", q, v, wall_time_s=seconds / len(drift)))
         _check_group(step, key, name, g, config)
-        n, d = int(x.shape[0]), int(x.shape[1])
-        for row in g["rows"]:
-            row.update(step=step, layer=key, view=name, n_samples=n, dim=d)
-            row.setdefault("seed", config.seed)
-            rows.append(row)
-    return rows
 
 
 def _row(kind: str, quantity: str, value: float, **extra: Any) -> dict[str, Any]:

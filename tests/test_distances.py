@@ -570,3 +570,18 @@ def test_in_place_cpu_sort_equals_torch_sort(dtype):
     values = (values + torch.from_numpy(rng.normal(size=(3, 4, 50))).round(decimals=1)).to(dtype)
     want = torch.sort(values, dim=-1).values
     assert torch.equal(_sliced.sort_last_(values.clone()), want)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+@pytest.mark.parametrize("step", [1e-9, 1e-3, 1.0])
+def test_fast_cost_matrix_is_accurate_for_nearly_equal_points(offset, step):
+    # the GEMM expansion cancels when x_i ~ y_j (a small training step): those entries
+    # must be recomputed from differences
+    from ics_toolkit.distances import _euclidean_cost
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 300, generator=g, dtype=torch.float64) + offset
+    y = x + step * torch.randn(40, 300, generator=g, dtype=torch.float64)
+    direct = torch.linalg.vector_norm(x[:, None, :] - y[None, :, :], dim=2)
+    fast = _euclidean_cost(x, y)
+    assert torch.allclose(fast, direct, rtol=1e-10, atol=0.0)
