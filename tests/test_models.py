@@ -23,15 +23,6 @@ from ics_toolkit.nn import Unitization, Unitization1d, Unitization2d, Unitizatio
 from ics_toolkit.train import train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions are fastest on one thread, and CI's 2 cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

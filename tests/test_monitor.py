@@ -13,15 +13,6 @@ import ics_toolkit as ics
 from ics_toolkit.nn import Unitization
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny convolutions on a shared 2-core machine run faster on one thread
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_cnn(norm="batch", dropout=0.0, seed=0):
     torch.manual_seed(seed)
 

@@ -18,14 +18,6 @@ from ics_toolkit.models import MLP, SmallCNN
 from ics_toolkit.train import TrainResult, evaluate, lr_at, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def blobs():
     return make_blobs(256, 128, num_classes=3, dim=6, separation=4.0, seed=0)
