@@ -69,7 +69,9 @@ _LAZY: dict[str, str] = {
     "replace_norm": "ics_toolkit.nn",
 }
 # subpackages reachable as attributes after a bare ``import ics_toolkit``
-_SUBMODULES = frozenset({"nn", "models", "data", "views", "plots", "schedules", "train"})
+_SUBMODULES = frozenset(
+    {"nn", "models", "data", "views", "plots", "report", "experiments", "schedules", "train"}
+)
 
 
 def __getattr__(name: str) -> Any:

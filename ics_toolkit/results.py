@@ -24,24 +24,26 @@ from ics_toolkit.errors import ICSValueError
 
 __all__ = ["COLUMNS", "KINDS", "ResultWriter", "load_results", "to_wide"]
 
-#: Columns of the results table, in order, with their pandas dtypes.
+#: Columns of the results table, in order, with their pandas dtypes. Text columns are
+#: plain ``object`` columns (missing = None), so ``df[df.layer == "bn1"]`` and
+#: ``df.quantity.isin([...])`` give ordinary boolean masks on every pandas version.
 COLUMNS: dict[str, str] = {
-    "run": "string",  # one monitor's results (several runs can share a folder)
+    "run": "object",  # one monitor's results (several runs can share a folder)
     "step": "Int64",  # the optimizer step t whose update t -> t+1 was measured
-    "layer": "string",  # capture key: module name as named_modules() spells it (+ "#k")
-    "view": "string",  # flatten | pixel | channel | param; NA for step-level events
-    "quantity": "string",  # a wasserstein method, a bound (U1..U5, L1..L3), floor_*, drift_*
+    "layer": "object",  # capture key: module name as named_modules() spells it (+ "#k")
+    "view": "object",  # flatten | pixel | channel | param; NA for step-level events
+    "quantity": "object",  # a wasserstein method, a bound (U1..U5, L1..L3), floor_*, drift_*
     "value": "float64",
-    "kind": "string",  # estimate | lower | upper | floor | drift | gradient | event
+    "kind": "object",  # estimate | lower | upper | floor | drift | gradient | event
     "n_samples": "Int64",  # samples per distribution
     "dim": "Int64",  # dimension d of a sample
     "n_projections": "Int64",  # random directions (sliced, max_sliced, L3)
     "seed": "Int64",
-    "solver_status": "string",  # optimal | max_iter_reached | ... (exact, sinkhorn)
+    "solver_status": "object",  # optimal | max_iter_reached | ... (exact, sinkhorn)
     "wall_time_s": "float64",  # seconds spent computing this value
     "bounds_hold": "boolean",  # lower bounds <= exact <= upper bounds for this row's group
-    "violations": "string",  # the failed inequalities of the group, "; "-separated
-    "warning": "string",
+    "violations": "object",  # the failed inequalities of the group, "; "-separated
+    "warning": "object",
 }
 
 #: Values of the ``kind`` column.
@@ -59,6 +61,9 @@ def _frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     for name, dtype in COLUMNS.items():
         if name not in df.columns:
             df[name] = pd.Series([None] * len(df), index=df.index, dtype=dtype)
+        elif dtype == "object":
+            col = df[name].astype(object)
+            df[name] = col.where(col.notna(), None)
         else:
             df[name] = df[name].astype(dtype)
     return df[list(COLUMNS)]
@@ -159,7 +164,7 @@ def load_results(path: str | os.PathLike[str]) -> pd.DataFrame:
             frames.append(pd.read_parquet(f))
         elif f.suffix == ".csv":
             # text columns stay text: a layer named "1" must not come back as 1.0
-            text = {c: str for c, t in COLUMNS.items() if t == "string"}
+            text = {c: str for c, t in COLUMNS.items() if t == "object"}
             frames.append(pd.read_csv(f, dtype=text))
         else:
             raise ICSValueError(f"cannot read {str(f)!r}: expected a .csv or .parquet file")

@@ -1,0 +1,393 @@
+"""The ``ics-toolkit`` command line (also ``python -m ics_toolkit``).
+
+Commands::
+
+    ics-toolkit run --out DIR [--quick] [--model cnn|mlp|resnet20] [--dataset NAME] ...
+    ics-toolkit sweep-dim --out DIR [--quick] [--dims 4,16,...] [--noises 0,0.1,...] ...
+    ics-toolkit plot RESULTS [RESULTS ...] --out DIR
+    ics-toolkit --version
+
+A bad option prints one line, ``ics-toolkit: error: ...``, to stderr and exits with
+status 2 (usage) or 1 (a value the toolkit refused: unknown method, missing CIFAR
+files, an output path that is a file, ...); no traceback. Ctrl-C exits with 130
+(results measured so far stay in ``DIR/parts``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from ics_toolkit.errors import ICSError, ICSValueError
+
+__all__ = ["build_parser", "main"]
+
+PROG = "ics-toolkit"
+
+
+class _UsageError(Exception):
+    """An argparse error, turned into one line by :func:`main`."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors raise instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message)
+
+
+def _csv(kind: type, what: str) -> Any:
+    """An argparse type: a comma-separated list of ``kind`` values."""
+
+    def parse(text: str) -> list[Any]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}")
+        try:
+            return [kind(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {what}, got {text!r}"
+            ) from None
+
+    return parse
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _every(text: str) -> int | str:
+    if text.startswith("log:"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer or 'log:END[:N]', got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    kind = text.split(":", 1)[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``ics-toolkit`` (its errors raise instead of exiting)."""
+    from ics_toolkit import __version__
+
+    parser = _Parser(
+        prog=PROG,
+        description="Measure and bound internal covariate shift (ICS): the Wasserstein-1 "
+        "distance between a layer's outputs before and after each optimizer step.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="train a model per normalization variant and measure every layer's ICS",
+        description="Train the model once per normalization variant (same initial weights), "
+        "measure ICS at every normalization position with the theory's bounds, and write "
+        "results.csv, summary.md and the plots to --out.",
+    )
+    run.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    run.add_argument("--quick", action="store_true", help="small, fast settings (smoke test)")
+    run.add_argument("--model", choices=("cnn", "mlp", "resnet20"), default="cnn")
+    run.add_argument(
+        "--dataset",
+        choices=("digits", "shapes", "blobs", "cifar10", "cifar100"),
+        default="digits",
+        help="digits (default) is the embedded real dataset; CIFAR is read from --data-root",
+    )
+    run.add_argument(
+        "--data-root",
+        metavar="PATH",
+        help="folder holding cifar-10-batches-py/ or cifar-100-python/ (default: "
+        "$ICS_TOOLKIT_DATA, else ./data)",
+    )
+    run.add_argument(
+        "--norms",
+        type=_csv(str, "normalization names"),
+        default=["batch", "unitization", "none"],
+        metavar="LIST",
+        help="variants: batch, unitization, group, layer, none, unitization=ALPHA "
+        "(default: batch,unitization,none)",
+    )
+    run.add_argument("--steps", type=_positive, metavar="N", help="steps per variant (600)")
+    run.add_argument(
+        "--every", type=_every, metavar="K", help="measure every K steps (10), or log:END[:N]"
+    )
+    run.add_argument(
+        "--probe-size", type=_positive, metavar="N", help="probe inputs (256); exact W1 is O(N^3)"
+    )
+    run.add_argument(
+        "--methods",
+        type=_csv(str, "method names"),
+        default=["exact", "max_sliced", "sliced"],
+        metavar="LIST",
+        help="W1 estimators: exact, paired, sliced, max_sliced, sinkhorn, per_coordinate "
+        "(default: exact,max_sliced,sliced)",
+    )
+    run.add_argument(
+        "--views",
+        type=_csv(str, "view names"),
+        default=["flatten"],
+        metavar="LIST",
+        help="flatten, pixel, channel (default: flatten)",
+    )
+    run.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
+    run.add_argument("--seed", type=int, default=0, metavar="S")
+    run.add_argument("--width", type=_positive, metavar="W", help="model width")
+    run.add_argument("--batch-size", type=_positive, metavar="B", help="training batch (128)")
+    run.add_argument("--lr", type=float, default=0.05, help="initial learning rate (0.05)")
+    run.add_argument("--no-progress", action="store_true", help="print nothing while running")
+
+    sweep = sub.add_parser(
+        "sweep-dim",
+        help="BatchNorm versus unitization across widths d and noise levels",
+        description="For widths d and noise levels, measure the exact W1 of BatchNorm-"
+        "normalized and unitized outputs under a fixed update and evaluate the bounds "
+        "U3 / U4; writes sweep.csv, sweep_summary.md and bounds_vs_dim.png/svg.",
+    )
+    sweep.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    sweep.add_argument("--quick", action="store_true", help="small, fast settings")
+    sweep.add_argument(
+        "--dims",
+        type=_csv(int, "integers"),
+        default=[4, 16, 64, 256, 1024, 4096],
+        metavar="LIST",
+        help="widths (default: 4,16,64,256,1024,4096)",
+    )
+    sweep.add_argument(
+        "--noises",
+        type=_csv(float, "numbers"),
+        metavar="LIST",
+        help="noise levels (default: 0,0.1,0.3,1)",
+    )
+    sweep.add_argument("--n", type=_positive, metavar="N", help="probe inputs (512)")
+    sweep.add_argument("--step-size", type=float, default=0.1, help="update size (0.1)")
+    sweep.add_argument("--seed", type=int, default=0, metavar="S")
+    sweep.add_argument("--no-progress", action="store_true", help="print nothing while running")
+
+    plot = sub.add_parser(
+        "plot",
+        help="re-draw every plot from saved results",
+        description="Re-draw the plots from results.csv / results.parquet, a folder of "
+        "result parts, a run's output folder, or a sweep.csv.",
+    )
+    plot.add_argument("results", nargs="+", metavar="RESULTS", help="files or folders")
+    plot.add_argument("--out", required=True, metavar="DIR", help="folder for the figures")
+    plot.add_argument("--quantity", help="ICS estimate drawn (default: exact when measured)")
+    plot.add_argument("--view", default="flatten", help="view drawn (default: flatten)")
+    plot.add_argument(
+        "--formats",
+        type=_csv(str, "formats"),
+        default=["png", "svg"],
+        metavar="LIST",
+        help="figure formats (default: png,svg)",
+    )
+    return parser
+
+
+def _check_out(path: str) -> Path:
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ICSValueError(
+            f"--out {str(out)!r} is a file; pass a folder (it is created if missing)"
+        )
+    return out
+
+
+def _print_files(files: Sequence[Path]) -> None:
+    print("outputs:")
+    for f in files:
+        print(f"  {f}")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ics_toolkit.experiments import _device, parse_methods, parse_norms, run_main
+
+    out = _check_out(args.out)
+    parse_norms(args.norms, "--norms")
+    parse_methods(args.methods, "--methods")
+    _device(args.device, "--device")
+    result = run_main(
+        out,
+        model=args.model,
+        dataset=args.dataset,
+        norms=args.norms,
+        steps=args.steps,
+        probe_size=args.probe_size,
+        methods=args.methods,
+        every=args.every,
+        views=args.views,
+        device=args.device,
+        seed=args.seed,
+        quick=args.quick,
+        progress=not args.no_progress,
+        data_root=args.data_root,
+        width=args.width,
+        batch_size=args.batch_size,
+        lr=args.lr,
+    )
+    print(result.summary)
+    _print_files(result.files)
+    print(f"ics-toolkit run: done in {result.wall_time_s:.1f} s; results in {result.out_dir}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from ics_toolkit.experiments import sweep_dim
+
+    out = _check_out(args.out)
+    result = sweep_dim(
+        out,
+        dims=args.dims,
+        noises=args.noises,
+        n=args.n,
+        step_size=args.step_size,
+        seed=args.seed,
+        quick=args.quick,
+        progress=not args.no_progress,
+    )
+    print(result.summary)
+    _print_files(result.files)
+    print(f"ics-toolkit sweep-dim: done in {result.wall_time_s:.1f} s; results in {result.out_dir}")
+    return 0
+
+
+def _is_sweep_file(path: Path) -> bool:
+    import pandas as pd
+
+    if path.suffix == ".parquet":
+        columns = list(pd.read_parquet(path).columns)
+    else:
+        columns = list(pd.read_csv(path, nrows=0).columns)
+    return "variant" in columns and "dim" in columns and "layer" not in columns
+
+
+def _collect(paths: Sequence[str]) -> tuple[list[Path], list[Path]]:
+    """Split RESULTS arguments into results sources and sweep tables."""
+    from ics_toolkit.results import _PART
+
+    results: list[Path] = []
+    sweeps: list[Path] = []
+    for text in paths:
+        p = Path(text).expanduser()
+        if p.is_file():
+            if p.suffix not in (".csv", ".parquet"):
+                raise ICSValueError(f"RESULTS {str(p)!r}: expected a .csv or .parquet file")
+            (sweeps if _is_sweep_file(p) else results).append(p)
+        elif p.is_dir():
+            found = False
+            for name in ("results.parquet", "results.csv"):
+                if (p / name).is_file():
+                    results.append(p / name)
+                    found = True
+                    break
+            else:
+                if any(_PART.match(f.name) for f in p.iterdir()):
+                    results.append(p)
+                    found = True
+                elif (p / "parts").is_dir():
+                    results.append(p / "parts")
+                    found = True
+            if (p / "sweep.csv").is_file():
+                sweeps.append(p / "sweep.csv")
+                found = True
+            if not found:
+                raise ICSValueError(
+                    f"RESULTS {str(p)!r} holds no results.csv, sweep.csv or result parts"
+                )
+        else:
+            raise ICSValueError(f"RESULTS {str(p)!r} does not exist")
+    return results, sweeps
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from ics_toolkit.experiments import draw_results, draw_sweep
+    from ics_toolkit.results import load_results
+
+    out = _check_out(args.out)
+    results, sweeps = _collect(args.results)
+    files: list[Path] = []
+    if results:
+        table = pd.concat([load_results(p) for p in results], ignore_index=True)
+        files += draw_results(
+            table, out, quantity=args.quantity, view=args.view, formats=args.formats
+        )
+    for sweep in sweeps:
+        table = pd.read_parquet(sweep) if sweep.suffix == ".parquet" else pd.read_csv(sweep)
+        files += draw_sweep(table, out, formats=args.formats)
+    _print_files(files)
+    return 0
+
+
+_COMMANDS = {"run": _cmd_run, "sweep-dim": _cmd_sweep, "plot": _cmd_plot}
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 on success, 1 when the toolkit refused a value (one line on stderr), 2 for
+        usage errors, 130 when interrupted.
+
+    Examples
+    --------
+    >>> main(["--version"])
+    ics-toolkit 0.1.0
+    0
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except _UsageError as err:
+        print(f"{PROG}: error: {_one_line(err)} (see {PROG} --help)", file=sys.stderr)
+        return 2
+    except SystemExit as exit_:  # --help and --version print, then exit
+        return int(exit_.code or 0)
+    try:
+        return _COMMANDS[args.command](args)
+    except ICSError as err:
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except OSError as err:  # e.g. permission denied on the output folder
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted (results measured so far are kept)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

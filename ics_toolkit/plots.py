@@ -1,0 +1,716 @@
+"""Figures of a results table: ICS versus step, heatmaps, variants compared, bounds versus d.
+
+Every function takes the tidy results table (``ICSMonitor.results()``,
+:func:`ics_toolkit.load_results`) or the dimension-sweep table, checks its columns
+first, and returns a :class:`matplotlib.figure.Figure`. Nothing is shown and no global
+state is changed: figures are built as ``matplotlib.figure.Figure`` objects (not
+registered with pyplot, so notebooks display the returned figure once and scripts
+need not close it), styling goes through :func:`matplotlib.style.context`, and
+:func:`save_figure` writes PNG and SVG. Pass ``axes=`` to draw into your own axes.
+
+Print and colour blindness: large fonts, the Okabe-Ito palette, and a distinct line
+style and marker per series, so that figures survive greyscale.
+
+matplotlib is imported inside the functions: ``import ics_toolkit`` never imports it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from ics_toolkit.errors import ICSValueError
+from ics_toolkit.report import (
+    NORM_BOUNDS,
+    bound_band,
+    check_columns,
+    order_layers,
+    order_runs,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "COLORS",
+    "plot_bounds_vs_dim",
+    "plot_compare",
+    "plot_heatmap",
+    "plot_ics",
+    "save_figure",
+    "series_style",
+]
+
+#: Okabe-Ito colours (distinguishable with the common colour-vision deficiencies).
+COLORS: tuple[str, ...] = (
+    "#0072B2",  # blue
+    "#D55E00",  # vermillion
+    "#009E73",  # bluish green
+    "#CC79A7",  # reddish purple
+    "#E69F00",  # orange
+    "#56B4E9",  # sky blue
+    "#000000",  # black
+)
+_LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)))
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+#: Style sheet used while a figure is built and saved (fonts sized for print).
+STYLE: dict[str, Any] = {
+    "font.size": 12,
+    "axes.titlesize": 12,
+    "axes.labelsize": 12,
+    "xtick.labelsize": 10.5,
+    "ytick.labelsize": 10.5,
+    "legend.fontsize": 11,
+    "figure.titlesize": 14,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.6,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "lines.linewidth": 2.0,
+    "lines.markersize": 5.5,
+    "legend.frameon": False,
+}
+
+_PANEL = (3.6, 2.8)  # inches per panel
+_BOUND_LABELS = {
+    "U3": "U3 (BatchNorm bound)",
+    "U4": "U4 (unitization bound)",
+    "U5": "U5 (Unitization-layer bound)",
+}
+_YSCALES = ("log", "linear", "symlog")
+
+
+def series_style(i: int) -> dict[str, Any]:
+    """Colour, line style and marker of the ``i``-th series (cycling).
+
+    Examples
+    --------
+    >>> series_style(0)["color"], series_style(1)["linestyle"], series_style(2)["marker"]
+    ('#0072B2', '--', '^')
+    """
+    return {
+        "color": COLORS[i % len(COLORS)],
+        "linestyle": _LINESTYLES[i % len(_LINESTYLES)],
+        "marker": _MARKERS[i % len(_MARKERS)],
+    }
+
+
+def _style_context() -> Any:
+    import matplotlib.style
+
+    return matplotlib.style.context(STYLE)
+
+
+def _new_figure(width: float, height: float, constrained: bool = True) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained" if constrained else None)
+
+
+def _panels(
+    n: int,
+    *,
+    ncols: int | None,
+    axes: Any,
+    sharex: bool = True,
+    sharey: bool = False,
+    panel: tuple[float, float] = _PANEL,
+    grid: tuple[int, int] | None = None,
+) -> tuple[Figure, list[Axes], bool]:
+    """A figure with ``n`` panels, or the caller's axes; returns (figure, axes, created)."""
+    if axes is not None:
+        flat = list(np.ravel(np.asarray(axes, dtype=object)))
+        if len(flat) < n or not all(hasattr(a, "plot") and hasattr(a, "figure") for a in flat):
+            raise ICSValueError(
+                f"`axes` must hold at least {n} matplotlib Axes (one per panel), got "
+                f"{len(flat)} object(s)"
+            )
+        return flat[0].figure, flat[:n], False
+    if grid is not None:
+        nrows, ncols_ = grid
+    else:
+        if ncols is not None and (
+            isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1
+        ):
+            raise ICSValueError(f"`ncols` must be a positive int, got {ncols!r}")
+        ncols_ = min(n, ncols or 3)
+        nrows = math.ceil(n / ncols_)
+    fig = _new_figure(panel[0] * ncols_ + 0.4, panel[1] * nrows + 0.9)
+    grid_axes = fig.subplots(nrows, ncols_, sharex=sharex, sharey=sharey, squeeze=False)
+    flat = list(grid_axes.ravel())
+    for ax in flat[n:]:
+        ax.remove()
+    return fig, flat[:n], True
+
+
+def _check_choice(value: str, choices: Sequence[str], argument: str) -> None:
+    if value not in choices:
+        raise ICSValueError(f"`{argument}` must be one of {list(choices)}, got {value!r}")
+
+
+def _subset(
+    available: Sequence[str], wanted: Iterable[str] | str | None, argument: str
+) -> list[str]:
+    if wanted is None:
+        return list(available)
+    wanted = [wanted] if isinstance(wanted, str) else [str(w) for w in wanted]
+    missing = [w for w in wanted if w not in available]
+    if missing or not wanted:
+        raise ICSValueError(
+            f"`{argument}` {missing or wanted} not in the results; available: {list(available)}"
+        )
+    return wanted
+
+
+def _band(df: pd.DataFrame, quantity: str, view: str) -> pd.DataFrame:
+    """bound_band with an error that says what is there when nothing matches."""
+    check_columns(df, ("step", "layer", "view", "quantity", "value"))
+    band = bound_band(df, quantity=quantity, view=view)
+    if band.empty or band["value"].isna().all():
+        rows = df[df["layer"].notna()]
+        present = rows[["view", "quantity"]].dropna().drop_duplicates()
+        views = sorted(set(present["view"].astype(str)))
+        in_view = sorted(set(present.loc[present["view"] == view, "quantity"].astype(str)))
+        raise ICSValueError(
+            f"no `{quantity}` values for view={view!r} in the results; views present: "
+            f"{views}; quantities in that view: {in_view}. Pass quantity=... / view=..."
+        )
+    return band
+
+
+def _set_yscale(ax: Axes, yscale: str, values: Iterable[float]) -> None:
+    arr = np.asarray([v for v in values if v is not None], dtype="float64")
+    positive = arr[np.isfinite(arr) & (arr > 0)]
+    if yscale == "log" and positive.size:
+        ax.set_yscale("log")
+        ax.minorticks_off()  # dozens of minor ticks per panel make drawing slow, add little
+    elif yscale == "symlog":
+        ax.set_yscale("symlog", linthresh=float(positive.min()) if positive.size else 1.0)
+
+
+def _legend(fig: Figure, axes: list[Axes], created: bool, ncols: int | None = None) -> None:
+    handles, labels = [], []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels and not lab.startswith("_"):
+                handles.append(h)
+                labels.append(lab)
+    if not handles:
+        return
+    if created:
+        fig.legend(
+            handles,
+            labels,
+            loc="outside lower center",
+            ncols=ncols or min(len(labels), 5),
+        )
+    else:
+        axes[0].legend(handles, labels, loc="best")
+
+
+def _label_axes(axes: list[Axes], ncols: int, xlabel: str, ylabel: str) -> None:
+    n = len(axes)
+    for i, ax in enumerate(axes):
+        if i % ncols == 0:
+            ax.set_ylabel(ylabel)
+        if i >= n - ncols:
+            ax.set_xlabel(xlabel)
+
+
+def plot_ics(
+    df: pd.DataFrame,
+    *,
+    quantity: str = "exact",
+    view: str = "flatten",
+    layers: Sequence[str] | str | None = None,
+    run: str | None = None,
+    floor: bool = True,
+    norm_bound: bool = True,
+    yscale: str = "log",
+    ncols: int | None = None,
+    axes: Any = None,
+) -> Figure:
+    """ICS versus step, one panel per layer, inside the band of the theory's bounds.
+
+    Each panel shows the ICS estimate ``quantity`` (the W1 between the layer's outputs
+    before and after step t, in the unit of the outputs) against the optimizer step,
+    the band between the best lower bound (the largest of L1..L3, ``sliced`` and
+    ``max_sliced`` present; each <= the exact W1) and the best upper bound (the
+    smallest of ``paired`` and U1..U5 present; each >= the exact W1) shaded, the
+    sampling floor ``floor_<quantity>`` dashed (values near it are indistinguishable
+    from sampling noise) and, dotted, the normalization layer's own bound (U3
+    BatchNorm, U4 unitized, U5 Unitization) where measured.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        The tidy results table (columns ``step``, ``layer``, ``view``, ``quantity``,
+        ``value``; ``run`` when several runs share it).
+    quantity : str
+        The estimate drawn (``"exact"``, ``"sliced"``, ``"max_sliced"``, ...).
+    view : str
+        The view drawn (``"flatten"``: one sample per probe input).
+    layers : str or sequence of str, optional
+        Layers to draw, in this order (default: every layer, in model order).
+    run : str, optional
+        The run to draw. By default a table with one run gives one panel per layer; a
+        table with several runs gives a grid, one row per run (variant) and one
+        column per layer, sharing the y axis.
+    floor, norm_bound : bool
+        Draw the sampling floor; draw the normalization layer's bound.
+    yscale : {"log", "linear", "symlog"}
+        Scale of the y axis (log by default: ICS, bounds and floors differ by orders
+        of magnitude).
+    ncols : int, optional
+        Panels per row for a single run (default: up to 3).
+    axes : Axes or array of Axes, optional
+        Draw into these (one per panel) instead of a new figure.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One axes per panel (per layer, times runs for a grid).
+
+    Raises
+    ------
+    ICSValueError
+        A required column is missing, or the table has no ``quantity`` for ``view``,
+        or ``run`` / ``layers`` name something absent.
+    """
+    _check_choice(yscale, _YSCALES, "yscale")
+    band = _band(df, quantity, view)
+    runs = order_runs(band["run"])
+    runs = _subset(runs, run, "run") if run is not None else runs
+    layer_names = _subset(order_layers(band["layer"]), layers, "layers")
+    multi = len(runs) > 1
+    n = len(runs) * len(layer_names)
+    with _style_context():
+        if multi:
+            fig, axs, created = _panels(
+                n,
+                ncols=None,
+                axes=axes,
+                sharey=True,
+                grid=(len(runs), len(layer_names)),
+                panel=(3.0, 2.5),
+            )
+            cols = len(layer_names)
+        else:
+            fig, axs, created = _panels(n, ncols=ncols, axes=axes)
+            cols = min(n, ncols or 3) if created else n
+        i = 0
+        for r_i, run_name in enumerate(runs):
+            style = series_style(r_i)
+            for layer in layer_names:
+                ax = axs[i]
+                i += 1
+                part = band[(band["run"] == run_name) & (band["layer"] == layer)]
+                part = part.sort_values("step")
+                steps = part["step"].to_numpy(dtype="float64")
+                values = part["value"].to_numpy(dtype="float64")
+                low = part["best_lower"].to_numpy(dtype="float64")
+                high = part["best_upper"].to_numpy(dtype="float64")
+                ok = np.isfinite(low) & np.isfinite(high)
+                plotted = [*values, *high[ok], *low[ok]]
+                if ok.any():
+                    ax.fill_between(
+                        steps,
+                        low,
+                        high,
+                        where=ok,
+                        color=style["color"],
+                        alpha=0.2,
+                        linewidth=0,
+                        label="bounds: best lower to best upper",
+                    )
+                ax.plot(
+                    steps,
+                    values,
+                    color=style["color"],
+                    linestyle="-",
+                    marker=style["marker"],
+                    markevery=max(1, len(steps) // 12),
+                    label=f"ICS ({quantity} W1)",
+                )
+                if norm_bound and part["norm_bound"].notna().any():
+                    name = part["norm_bound_name"].dropna().mode().iloc[0]
+                    nb = part["norm_bound"].to_numpy(dtype="float64")
+                    ax.plot(
+                        steps,
+                        nb,
+                        color=style["color"],
+                        linestyle=":",
+                        linewidth=1.6,
+                        label=_BOUND_LABELS.get(name, f"{name} (normalization bound)"),
+                    )
+                    plotted += list(nb)
+                if floor and part["floor"].notna().any():
+                    fl = part["floor"].to_numpy(dtype="float64")
+                    ax.plot(
+                        steps,
+                        fl,
+                        color="0.35",
+                        linestyle="--",
+                        linewidth=1.4,
+                        label="sampling floor",
+                    )
+                    plotted += list(fl)
+                _set_yscale(ax, yscale, plotted)
+                ax.set_title(f"{run_name} · {layer}" if multi and run_name else layer)
+        _label_axes(axs, cols, "optimizer step", f"W1 ({view})")
+        if created:
+            where = f", run {runs[0]}" if len(runs) == 1 and runs[0] else ""
+            fig.suptitle(f"Internal covariate shift per layer ({quantity} W1{where})")
+        _legend(fig, axs, created)
+    return fig
+
+
+def plot_compare(
+    df: pd.DataFrame,
+    *,
+    quantity: str = "exact",
+    view: str = "flatten",
+    runs: Sequence[str] | str | None = None,
+    layers: Sequence[str] | str | None = None,
+    yscale: str = "log",
+    ncols: int | None = None,
+    axes: Any = None,
+) -> Figure:
+    """Normalization variants side by side: per layer, every run's ICS on the same axes.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        The tidy results table; ``run`` holds the variant (``"batch"``,
+        ``"unitization"``, ``"none"``, ...).
+    quantity : str
+        The ICS estimate drawn (W1, in the unit of the layer's outputs).
+    view : str
+        The view drawn.
+    runs : str or sequence of str, optional
+        Variants to draw (default: all; BatchNorm, Unitization, ..., none first).
+    layers : str or sequence of str, optional
+        Layers to draw (default: all, in model order).
+    yscale : {"log", "linear", "symlog"}
+        Scale of the y axis.
+    ncols : int, optional
+        Panels per row (default: up to 3).
+    axes : Axes or array of Axes, optional
+        Draw into these (one per layer).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One axes per layer, one line per variant (colour, line style and marker each).
+
+    Raises
+    ------
+    ICSValueError
+        A required column is missing, nothing matches ``quantity`` / ``view``, or
+        ``runs`` / ``layers`` name something absent.
+    """
+    _check_choice(yscale, _YSCALES, "yscale")
+    band = _band(df, quantity, view)
+    run_names = _subset(order_runs(band["run"]), runs, "runs")
+    layer_names = _subset(order_layers(band["layer"]), layers, "layers")
+    with _style_context():
+        fig, axs, created = _panels(len(layer_names), ncols=ncols, axes=axes)
+        cols = min(len(layer_names), ncols or 3) if created else len(layer_names)
+        for ax, layer in zip(axs, layer_names, strict=True):
+            plotted: list[float] = []
+            for r_i, run_name in enumerate(run_names):
+                part = band[(band["run"] == run_name) & (band["layer"] == layer)]
+                part = part.sort_values("step")
+                values = part["value"].to_numpy(dtype="float64")
+                ax.plot(
+                    part["step"].to_numpy(dtype="float64"),
+                    values,
+                    markevery=max(1, len(values) // 12),
+                    label=run_name or "(unnamed)",
+                    **series_style(r_i),
+                )
+                plotted += list(values)
+            _set_yscale(ax, yscale, plotted)
+            ax.set_title(layer)
+        _label_axes(axs, cols, "optimizer step", f"ICS: {quantity} W1")
+        if created:
+            fig.suptitle(f"ICS by normalization variant ({quantity} W1, {view} view)")
+        _legend(fig, axs, created)
+    return fig
+
+
+def plot_heatmap(
+    df: pd.DataFrame,
+    *,
+    quantity: str = "exact",
+    view: str = "flatten",
+    runs: Sequence[str] | str | None = None,
+    layers: Sequence[str] | str | None = None,
+    log: bool = True,
+    cmap: str = "cividis",
+    axes: Any = None,
+) -> Figure:
+    """Layer-by-step heatmap of ICS, one panel per normalization variant, one colour scale.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        The tidy results table; ``run`` holds the variant.
+    quantity : str
+        The ICS estimate shown (W1, in the unit of the layer's outputs).
+    view : str
+        The view shown.
+    runs : str or sequence of str, optional
+        Variants to show (default: all).
+    layers : str or sequence of str, optional
+        Layers (rows, in model order by default).
+    log : bool
+        Logarithmic colour scale (shared by all panels, so colours compare across
+        variants); falls back to linear when no value is positive.
+    cmap : str
+        A matplotlib colormap; the default ``cividis`` is readable with colour-vision
+        deficiencies and in greyscale. Missing values are light grey.
+    axes : Axes or array of Axes, optional
+        Draw into these (one per variant); the colour bar takes space from them.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One axes per variant plus one for the colour bar.
+
+    Raises
+    ------
+    ICSValueError
+        A required column is missing, or nothing matches ``quantity`` / ``view`` /
+        ``runs`` / ``layers``.
+    """
+    import matplotlib
+    from matplotlib.colors import LogNorm, Normalize
+
+    band = _band(df, quantity, view)
+    run_names = _subset(order_runs(band["run"]), runs, "runs")
+    layer_names = _subset(order_layers(band["layer"]), layers, "layers")
+    band = band[band["run"].isin(run_names) & band["layer"].isin(layer_names)]
+    values = band["value"].to_numpy(dtype="float64")
+    finite = values[np.isfinite(values)]
+    positive = finite[finite > 0]
+    if log and positive.size:
+        norm: Normalize = LogNorm(vmin=float(positive.min()), vmax=float(positive.max()))
+    else:
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        norm = Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1.0)
+    colormap = matplotlib.colormaps[cmap].with_extremes(bad="0.88")
+    height = max(2.6, 0.42 * len(layer_names) + 1.4)
+    with _style_context():
+        fig, axs, created = _panels(
+            len(run_names),
+            ncols=None,
+            axes=axes,
+            sharex=False,
+            sharey=True,
+            grid=(1, len(run_names)) if axes is None else None,
+            panel=(3.8, height),
+        )
+        image = None
+        for ax, run_name in zip(axs, run_names, strict=True):
+            part = band[band["run"] == run_name]
+            matrix = part.pivot_table(
+                index="layer", columns="step", values="value", aggfunc="first", dropna=False
+            )
+            matrix = matrix.reindex(index=layer_names)
+            steps = [int(s) for s in matrix.columns]
+            image = ax.imshow(
+                np.ma.masked_invalid(matrix.to_numpy(dtype="float64")),
+                aspect="auto",
+                interpolation="nearest",
+                cmap=colormap,
+                norm=norm,
+            )
+            ticks = np.unique(np.linspace(0, max(len(steps) - 1, 0), min(len(steps), 6)).round())
+            ax.set_xticks(ticks.astype(int), [str(steps[int(t)]) for t in ticks] if steps else [])
+            ax.set_yticks(range(len(layer_names)), layer_names)
+            ax.grid(False)
+            ax.set_title(run_name or "(unnamed)")
+            ax.set_xlabel("optimizer step")
+        if image is not None:
+            fig.colorbar(image, ax=axs, label=f"ICS: {quantity} W1", shrink=0.95)
+        if created:
+            fig.suptitle(f"ICS per layer and step ({view} view)")
+    return fig
+
+
+def _sweep_bound(variant_rows: pd.DataFrame) -> str | None:
+    present = set(variant_rows["quantity"].astype(str))
+    for q in (*NORM_BOUNDS, "U1"):
+        if q in present:
+            return q
+    return None
+
+
+def plot_bounds_vs_dim(
+    sweep_df: pd.DataFrame,
+    *,
+    noises: Sequence[float] | None = None,
+    measured: str = "exact",
+    axes: Any = None,
+) -> Figure:
+    """Measured W1 and the normalization bound against the width d, log-log.
+
+    One panel per variant (BatchNorm-normalized, unitized, ...), sharing the y axis:
+    per noise level, the measured W1 (solid) and the variant's bound (dashed: U3 for
+    BatchNorm, U4 for unitized outputs), with a dotted ``c * sqrt(d)`` reference line
+    fitted to the BatchNorm bound. The theory: BatchNorm's W1 and U3 grow like
+    ``sqrt(d)``; U4 = ``2 |alpha| k`` does not depend on d.
+
+    Parameters
+    ----------
+    sweep_df : pandas.DataFrame
+        The table written by :func:`ics_toolkit.experiments.sweep_dim` (columns
+        ``variant``, ``dim``, ``quantity``, ``value``; ``noise`` if several levels).
+    noises : sequence of float, optional
+        Noise levels to draw (default: all).
+    measured : str
+        The quantity drawn as the measured W1.
+    axes : Axes or array of Axes, optional
+        Draw into these (one per variant).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One axes per variant, each with two lines per noise level and the reference.
+
+    Raises
+    ------
+    ICSValueError
+        A required column is missing or the table holds no ``measured`` values.
+    """
+    check_columns(sweep_df, ("variant", "dim", "quantity", "value"), "sweep_df")
+    df = sweep_df.copy()
+    if "noise" not in df.columns:
+        df["noise"] = 0.0
+    df["variant"] = df["variant"].astype(str)
+    df["quantity"] = df["quantity"].astype(str)
+    if not (df["quantity"] == measured).any():
+        raise ICSValueError(
+            f"`sweep_df` has no {measured!r} rows; quantities present: "
+            f"{sorted(set(df['quantity']))}"
+        )
+    levels = sorted(set(df["noise"].astype(float)))
+    if noises is not None:
+        wanted = [float(x) for x in noises]
+        missing = [x for x in wanted if x not in levels]
+        if missing:
+            raise ICSValueError(f"`noises` {missing} not in the table; levels: {levels}")
+        levels = wanted
+    variants = order_runs(df["variant"])
+    # the sqrt(d) reference: c = median of bound / sqrt(d) of the first variant with a bound
+    ref_c = None
+    for v in variants:
+        rows = df[df["variant"] == v]
+        q = _sweep_bound(rows)
+        if q is not None:
+            b = rows[(rows["quantity"] == q) & rows["noise"].isin(levels)]
+            b = b[b["value"] > 0]
+            if len(b):
+                ref_c = float(np.median(b["value"] / np.sqrt(b["dim"].astype(float))))
+                break
+    dims = np.array(sorted(set(df["dim"].astype(float))))
+    with _style_context():
+        fig, axs, created = _panels(
+            len(variants), ncols=None, axes=axes, sharey=True, grid=(1, len(variants))
+        )
+        for ax, v in zip(axs, variants, strict=True):
+            rows = df[df["variant"] == v]
+            q = _sweep_bound(rows)
+            for i, level in enumerate(levels):
+                st = series_style(i)
+                at = rows[rows["noise"].astype(float) == level]
+                for name, ls in ((measured, "-"), (q, "--")):
+                    if name is None:
+                        continue
+                    line = at[at["quantity"] == name].groupby("dim")["value"].mean()
+                    if line.empty:
+                        continue
+                    ax.plot(
+                        line.index.to_numpy(dtype="float64"),
+                        line.to_numpy(dtype="float64"),
+                        color=st["color"],
+                        marker=st["marker"],
+                        linestyle=ls,
+                        label=f"noise {level:g}" if ls == "-" else "_nolegend_",
+                    )
+            if ref_c is not None and dims.size:
+                ax.plot(
+                    dims,
+                    ref_c * np.sqrt(dims),
+                    color="0.2",
+                    linestyle=":",
+                    linewidth=1.6,
+                    label="c·√d reference",
+                )
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            if dims.size:
+                ticks = dims if dims.size <= 7 else dims[:: math.ceil(dims.size / 7)]
+                ax.set_xticks(ticks, [f"{int(t)}" for t in ticks])
+                ax.minorticks_off()
+            bound_text = f", {q} dashed" if q else ""
+            ax.set_title(f"{v}: W1 solid{bound_text}")
+            ax.set_xlabel("width d")
+        axs[0].set_ylabel("W1 and its bound")
+        if created:
+            fig.suptitle("Bounds versus dimension: BatchNorm grows like √d, unitization does not")
+        _legend(fig, axs, created, ncols=min(len(levels) + 1, 5))
+    return fig
+
+
+def save_figure(
+    fig: Figure,
+    path: str | os.PathLike[str],
+    *,
+    formats: Sequence[str] = ("png", "svg"),
+    dpi: int = 100,
+) -> list[Path]:
+    """Write ``fig`` once per format: ``path`` with each suffix (parents created).
+
+    Parameters
+    ----------
+    fig : matplotlib.figure.Figure
+        The figure.
+    path : str or Path
+        Target path; a suffix among ``formats`` is replaced, any other kept as part of
+        the name.
+    formats : sequence of str
+        File formats, e.g. ``("png", "svg")``, ``("pdf",)``.
+    dpi : int
+        Resolution of raster formats.
+
+    Returns
+    -------
+    list of Path
+        The files written.
+    """
+    if not formats:
+        raise ICSValueError("`formats` is empty; pass e.g. ('png', 'svg')")
+    p = Path(path)
+    if p.suffix.lstrip(".").lower() in {f.lower() for f in formats}:
+        p = p.with_suffix("")
+    if p.exists() and p.is_dir():
+        raise ICSValueError(f"`path` {str(p)!r} is a folder; pass a file name stem")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    with _style_context():
+        for fmt in formats:
+            target = p.parent / f"{p.name}.{fmt}"
+            fig.savefig(target, format=fmt, dpi=dpi)
+            out.append(target)
+    return out

@@ -1,0 +1,644 @@
+"""Summary tables of a results table: per variant and layer, what the ICS run showed.
+
+The results table (:data:`ics_toolkit.results.COLUMNS`, one number per row) is
+condensed in three steps:
+
+- :func:`bound_band`: one row per (run, step, layer) with the ICS estimate, the best
+  (largest) lower bound, the best (smallest) upper bound, the sampling floor and
+  whether the bounds held; the plots draw this table.
+- :func:`summary`: one row per (run, layer, view): mean ICS of every estimator,
+  bound tightness, the fraction of measured steps whose bounds held, and the mean of
+  every other quantity measured.
+- :func:`summary_markdown`: the ``summary.md`` report, a table per variant (written
+  by hand: no ``tabulate`` dependency).
+
+:func:`fit_slopes` condenses the table of the dimension sweep (``sweep.csv``) into
+log-log slopes against the width ``d``.
+
+Importing this module imports pandas, never matplotlib.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ics_toolkit.bounding import LOWER_BOUNDS, UPPER_BOUNDS
+from ics_toolkit.errors import ICSValueError
+
+__all__ = [
+    "ESTIMATORS",
+    "NORM_BOUNDS",
+    "RUN_ORDER",
+    "bound_band",
+    "check_columns",
+    "fit_slopes",
+    "markdown_table",
+    "order_layers",
+    "order_runs",
+    "summary",
+    "summary_markdown",
+]
+
+#: ICS estimators, in the order reports show them (``wasserstein`` methods).
+ESTIMATORS: tuple[str, ...] = (
+    "exact",
+    "paired",
+    "sinkhorn",
+    "max_sliced",
+    "sliced",
+    "per_coordinate",
+)
+
+#: Normalization kinds, in the order reports and plots list variants; other run names
+#: follow in order of appearance. A variant ``"unitization=1"`` sorts with its kind.
+RUN_ORDER: tuple[str, ...] = ("batch", "unitization", "group", "layer", "none")
+
+#: The normalization layers' own upper bounds (U3 BatchNorm, U4 unitized, U5 the
+#: authors' layer): unlike U1 / U2 they do not follow the measured displacement.
+NORM_BOUNDS: tuple[str, ...] = ("U3", "U4", "U5")
+
+_REQUIRED = ("step", "layer", "view", "quantity", "value")
+
+
+def check_columns(df: Any, required: Iterable[str], argument: str = "df") -> None:
+    """Raise ICSValueError naming the columns of ``required`` that ``df`` lacks."""
+    if not isinstance(df, pd.DataFrame):
+        raise ICSValueError(
+            f"`{argument}` must be a pandas DataFrame (the tidy results table), got "
+            f"{type(df).__name__}"
+        )
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ICSValueError(
+            f"`{argument}` lacks the column(s) {missing}; pass the tidy results table "
+            "(ICSMonitor.results() or ics_toolkit.load_results(...))"
+        )
+
+
+def _runs_column(df: pd.DataFrame) -> pd.Series:
+    """The run label of every row; a missing ``run`` column or NA means ``""``."""
+    if "run" not in df.columns:
+        return pd.Series([""] * len(df), index=df.index, dtype="object")
+    return df["run"].astype("object").where(df["run"].notna(), "")
+
+
+def _kind_of(run: str) -> str:
+    return run.split("=", 1)[0]
+
+
+def order_runs(runs: Iterable[str]) -> list[str]:
+    """Unique run names, known normalization kinds first (:data:`RUN_ORDER`).
+
+    Examples
+    --------
+    >>> order_runs(["none", "run7", "unitization", "batch", "none"])
+    ['batch', 'unitization', 'none', 'run7']
+    """
+    unique = list(dict.fromkeys(str(r) for r in runs))
+    rank = {name: i for i, name in enumerate(RUN_ORDER)}
+
+    def key(item: tuple[int, str]) -> tuple[int, int]:
+        pos, name = item
+        return (rank.get(_kind_of(name), len(RUN_ORDER)), pos)
+
+    return [name for _, name in sorted(enumerate(unique), key=key)]
+
+
+def order_layers(layers: Iterable[Any]) -> list[str]:
+    """Unique layer names in order of first appearance (the model's order in a results table).
+
+    Examples
+    --------
+    >>> order_layers(["features.1", "features.4", "features.11", "features.1"])
+    ['features.1', 'features.4', 'features.11']
+    """
+    return [str(x) for x in dict.fromkeys(x for x in layers if not pd.isna(x))]
+
+
+def _rows_of(df: pd.DataFrame, view: str | None) -> pd.DataFrame:
+    """Measurement rows (events dropped), optionally of one view, with a plain ``run``."""
+    out = df.assign(run=_runs_column(df))
+    keep = out["layer"].notna() & out["quantity"].notna()
+    if view is not None:
+        keep &= (out["view"] == view).fillna(False).astype(bool)
+    if "kind" in out.columns:
+        keep &= (out["kind"] != "event").fillna(True).astype(bool)
+    return out.loc[keep.astype(bool)]
+
+
+def _wide(rows: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """One row per ``keys`` group, one float column per quantity, in the table's order."""
+    keys = list(keys)
+    first = rows.drop_duplicates([*keys, "quantity"])
+    wide = first.set_index([*keys, "quantity"])["value"].astype("float64").unstack("quantity")
+    wide.columns = [str(c) for c in wide.columns]
+    wide = wide.reset_index()
+    # unstack sorts its index; restore the order of first appearance (the model's order)
+    order = first.drop_duplicates(keys)[keys].reset_index(drop=True).reset_index(names="_order")
+    wide = wide.merge(order, on=keys, how="left").sort_values("_order", kind="stable")
+    return wide.drop(columns="_order").reset_index(drop=True)
+
+
+def _pick(wide: pd.DataFrame, names: Sequence[str], how: str) -> tuple[pd.Series, pd.Series]:
+    """Row-wise max (``how="max"``) or min of the columns ``names`` present, and its name."""
+    present = [n for n in names if n in wide.columns]
+    if not present:
+        nan = pd.Series(np.nan, index=wide.index, dtype="float64")
+        return nan, pd.Series(pd.NA, index=wide.index, dtype="object")
+    block = wide[present].astype("float64")
+    values = block.max(axis=1) if how == "max" else block.min(axis=1)
+    filled = block.fillna(-np.inf if how == "max" else np.inf)
+    names_ = filled.idxmax(axis=1) if how == "max" else filled.idxmin(axis=1)
+    names_ = names_.astype("object").where(values.notna(), pd.NA)
+    return values, names_
+
+
+def _auto_quantity(rows: pd.DataFrame, quantity: str | None) -> str:
+    present = set(rows["quantity"].dropna().astype(str))
+    if quantity is not None:
+        return quantity
+    for q in ESTIMATORS:
+        if q in present:
+            return q
+    raise ICSValueError(
+        f"the results hold no ICS estimate ({', '.join(ESTIMATORS)}); quantities present: "
+        f"{sorted(present)}"
+    )
+
+
+def bound_band(
+    df: pd.DataFrame, *, quantity: str | None = "exact", view: str | None = "flatten"
+) -> pd.DataFrame:
+    """The ICS estimate with its best bounds, one row per (run, step, layer).
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        The tidy results table (needs ``step``, ``layer``, ``view``, ``quantity``,
+        ``value``; ``run`` and ``bounds_hold`` are used when present).
+    quantity : str or None
+        The ICS estimate shown (a :func:`ics_toolkit.wasserstein` method such as
+        ``"exact"``); None picks the first of :data:`ESTIMATORS` present.
+    view : str or None
+        The view (``"flatten"``, ``"pixel"``, ``"channel"``); None keeps every view.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``run``, ``step``, ``layer``, ``view``, ``value`` (the estimate, in the
+        unit of the layer's outputs), ``best_lower`` / ``best_lower_name`` (the
+        largest of :data:`ics_toolkit.bounding.LOWER_BOUNDS` present: L1..L3,
+        ``sliced``, ``max_sliced``; each <= the exact W1), ``best_upper`` /
+        ``best_upper_name`` (the smallest of
+        :data:`ics_toolkit.bounding.UPPER_BOUNDS` present: ``paired``, U1..U5; each
+        >= the exact W1), ``norm_bound`` / ``norm_bound_name`` (the smallest of the
+        normalization layer's own bounds :data:`NORM_BOUNDS` present), ``floor``
+        (``floor_<quantity>``, NaN if not measured) and
+        ``bounds_hold`` (NA if not recorded). The estimate itself is not counted as
+        its own bound. Rows are in the table's run, step and layer order.
+
+    Examples
+    --------
+    >>> rows = [("exact", 1.0), ("L1", 0.5), ("L3", 0.75), ("U1", 1.5), ("U3", 2.0)]
+    >>> df = pd.DataFrame([{"step": 0, "layer": "bn", "view": "flatten", "quantity": q,
+    ...                     "value": v} for q, v in rows])
+    >>> band = bound_band(df)
+    >>> row = band.iloc[0]
+    >>> float(row.best_lower), row.best_lower_name, float(row.best_upper), row.best_upper_name
+    (0.75, 'L3', 1.5, 'U1')
+    """
+    check_columns(df, _REQUIRED)
+    rows = _rows_of(df, view)
+    quantity = _auto_quantity(rows, quantity)
+    keys = ["run", "step", "layer", "view"]
+    if rows.empty:
+        return pd.DataFrame(
+            columns=[
+                *keys,
+                "value",
+                "best_lower",
+                "best_lower_name",
+                "best_upper",
+                "best_upper_name",
+                "norm_bound",
+                "norm_bound_name",
+                "floor",
+                "bounds_hold",
+            ]
+        )
+    wide = _wide(rows, keys)
+    out = wide[keys].copy()
+    out["value"] = wide[quantity] if quantity in wide.columns else np.nan
+    lows = [q for q in LOWER_BOUNDS if q != quantity]
+    highs = [q for q in UPPER_BOUNDS if q != quantity]
+    out["best_lower"], out["best_lower_name"] = _pick(wide, lows, "max")
+    out["best_upper"], out["best_upper_name"] = _pick(wide, highs, "min")
+    out["norm_bound"], out["norm_bound_name"] = _pick(wide, NORM_BOUNDS, "min")
+    floor = f"floor_{quantity}"
+    out["floor"] = wide[floor] if floor in wide.columns else np.nan
+    if "bounds_hold" in rows.columns:
+        hold = rows.groupby(keys, sort=False, dropna=False)["bounds_hold"].agg(
+            lambda s: bool(s.dropna().all()) if s.notna().any() else pd.NA
+        )
+        out = out.merge(
+            hold.rename("bounds_hold").reset_index(), on=keys, how="left", validate="one_to_one"
+        )
+    else:
+        out["bounds_hold"] = pd.NA
+    out["step"] = out["step"].astype("Int64")
+    return out.reset_index(drop=True)
+
+
+def summary(df: pd.DataFrame, *, quantity: str | None = None) -> pd.DataFrame:
+    """Condense a results table: one row per run (variant), layer and view.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        The tidy results table (needs ``step``, ``layer``, ``view``, ``quantity``,
+        ``value``; uses ``run``, ``dim`` and ``bounds_hold`` when present).
+    quantity : str or None
+        The ICS estimate that tightness and the floor comparison use; None picks the
+        first of :data:`ESTIMATORS` present (``"exact"`` when measured).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index columns ``run``, ``layer``, ``view``; then
+
+        - ``dim``: the dimension d of a sample; ``n_steps``: measured steps;
+        - ``ics``: mean of ``quantity`` over the steps, ``ics_max``, ``ics_last``
+          (at the last measured step); ``quantity`` names the estimator;
+        - ``best_lower``, ``best_upper``: means of the per-step best bounds;
+          ``best_lower_name``, ``best_upper_name``: the bound that was best most often;
+        - ``upper_tightness``: mean of ``ics / best_upper`` (in [0, 1]; 1 means the
+          upper bound equals the estimate), ``lower_tightness``: mean of
+          ``best_lower / ics`` (in [0, 1]; 1 is tight). NaN where undefined;
+        - ``norm_bound``, ``norm_bound_name``, ``norm_tightness``: the same for the
+          normalization layer's own bound (U3, U4 or U5; NaN for other layers);
+        - ``floor``: mean sampling floor ``floor_<quantity>``; ``frac_above_floor``:
+          share of steps whose ICS exceeds the floor;
+        - ``bounds_hold_frac``: share of measured steps whose bounds held (every lower
+          bound <= exact <= every upper bound); ``n_violations``: steps that failed;
+        - ``mean_<q>``: the mean over steps of every other quantity measured (each
+          estimator, L1..L3, U1..U5, floors, moment drift, gradient ICS, ...).
+
+    Examples
+    --------
+    >>> rows = [(s, q, v) for s in (0, 1) for q, v in (("exact", 1.0 + s), ("U1", 2.0 + s))]
+    >>> df = pd.DataFrame([{"step": s, "layer": "bn", "view": "flatten", "quantity": q,
+    ...                     "value": v} for s, q, v in rows])
+    >>> row = summary(df).iloc[0]
+    >>> float(row["ics"]), float(row["upper_tightness"]), int(row["n_steps"])
+    (1.5, 0.5833333333333333, 2)
+    """
+    check_columns(df, _REQUIRED)
+    rows = _rows_of(df, None)
+    keys = ["run", "layer", "view"]
+    if rows.empty:
+        raise ICSValueError("`df` holds no measurement rows (only events, or nothing)")
+    quantity = _auto_quantity(rows, quantity)
+    band = bound_band(df, quantity=quantity, view=None)
+    band["upper_ratio"] = band["value"] / band["best_upper"]
+    band["lower_ratio"] = band["best_lower"] / band["value"]
+    band["norm_ratio"] = band["value"] / band["norm_bound"]
+    for col in ("upper_ratio", "lower_ratio", "norm_ratio"):
+        band.loc[~np.isfinite(band[col].astype("float64")), col] = np.nan
+    band["above_floor"] = (band["value"] > band["floor"]).where(band["floor"].notna())
+
+    def mode(s: pd.Series) -> Any:
+        s = s.dropna()
+        return s.value_counts().index[0] if len(s) else pd.NA
+
+    def last(s: pd.Series) -> float:
+        s = s.dropna()
+        return float(s.iloc[-1]) if len(s) else math.nan
+
+    grouped = band.groupby(keys, sort=False, dropna=False)
+    out = pd.DataFrame(
+        {
+            "quantity": quantity,
+            "n_steps": grouped["step"].nunique(),
+            "ics": grouped["value"].mean(),
+            "ics_max": grouped["value"].max(),
+            "ics_last": grouped["value"].agg(last),
+            "best_lower": grouped["best_lower"].mean(),
+            "best_lower_name": grouped["best_lower_name"].agg(mode),
+            "best_upper": grouped["best_upper"].mean(),
+            "best_upper_name": grouped["best_upper_name"].agg(mode),
+            "upper_tightness": grouped["upper_ratio"].mean(),
+            "lower_tightness": grouped["lower_ratio"].mean(),
+            "norm_bound": grouped["norm_bound"].mean(),
+            "norm_bound_name": grouped["norm_bound_name"].agg(mode),
+            "norm_tightness": grouped["norm_ratio"].mean(),
+            "floor": grouped["floor"].mean(),
+            "frac_above_floor": grouped["above_floor"].agg(
+                lambda s: float(s.dropna().astype(bool).mean()) if s.notna().any() else math.nan
+            ),
+            "bounds_hold_frac": grouped["bounds_hold"].agg(
+                lambda s: float(s.dropna().astype(bool).mean()) if s.notna().any() else math.nan
+            ),
+            "n_violations": grouped["bounds_hold"].agg(
+                lambda s: int((~s.dropna().astype(bool)).sum())
+            ),
+        }
+    )
+    if "dim" in rows.columns:
+        dims = rows.groupby(keys, sort=False, dropna=False)["dim"].agg(
+            lambda s: s.dropna().iloc[0] if s.notna().any() else pd.NA
+        )
+        out.insert(1, "dim", dims.reindex(out.index).astype("Int64"))
+    means = rows.groupby([*keys, "quantity"], sort=False, dropna=False)["value"].mean().unstack()
+    means.columns = [f"mean_{c}" for c in means.columns]
+    out = out.join(means.reindex(out.index))
+    out = out.reset_index()
+    order = {r: i for i, r in enumerate(order_runs(out["run"]))}
+    out = out.sort_values("run", key=lambda s: s.map(order), kind="stable")
+    return out.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------- markdown
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return "–"
+    if isinstance(value, bool | np.bool_):
+        return "yes" if value else "no"
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        return f"{float(value):.{digits}g}"
+    return str(value)
+
+
+def _pct(value: Any) -> str:
+    if value is None or pd.isna(value):
+        return "–"
+    return f"{100.0 * float(value):.0f} %"
+
+
+def markdown_table(
+    headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None
+) -> str:
+    r"""A GitHub-flavoured markdown table; cells are formatted with 4 significant digits.
+
+    Parameters
+    ----------
+    headers : sequence of str
+        Column titles.
+    rows : iterable of sequences
+        Cell values (numbers, strings, None for an empty cell).
+    align : str, optional
+        One letter per column: ``l``, ``r`` or ``c`` (default: left for the first
+        column, right for the others).
+
+    Returns
+    -------
+    str
+        The table, one line per row, ending without a newline.
+
+    Examples
+    --------
+    >>> print(markdown_table(["layer", "ICS"], [["bn1", 0.123456], ["a|b", None]]))
+    | layer | ICS |
+    | :--- | ---: |
+    | bn1 | 0.1235 |
+    | a\|b | – |
+    """
+    headers = [str(h) for h in headers]
+    align = align or ("l" + "r" * (len(headers) - 1))
+    if len(align) != len(headers):
+        raise ICSValueError(f"`align` needs one letter per column ({len(headers)}), got {align!r}")
+    marks = {"l": ":---", "r": "---:", "c": ":---:"}
+    if set(align) - set(marks):
+        raise ICSValueError(f"`align` letters must be l, r or c, got {align!r}")
+
+    def cell(v: Any) -> str:
+        text = v if isinstance(v, str) else _fmt(v)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = [
+        "| " + " | ".join(cell(h) for h in headers) + " |",
+        "| " + " | ".join(marks[a] for a in align) + " |",
+    ]
+    for row in rows:
+        row = list(row)
+        if len(row) != len(headers):
+            raise ICSValueError(f"a row has {len(row)} cells, the header {len(headers)}")
+        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def summary_markdown(
+    df: pd.DataFrame,
+    accuracies: Mapping[str, float | None] | None = None,
+    *,
+    quantity: str | None = None,
+    view: str = "flatten",
+    title: str = "ICS summary",
+    notes: Sequence[str] = (),
+) -> str:
+    """The ``summary.md`` report: an overview, then a table per variant.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        The tidy results table; ``run`` holds the variant (normalization) name.
+    accuracies : mapping of str to float, optional
+        Final test accuracy (in [0, 1]) per run; shown per variant.
+    quantity : str or None
+        The ICS estimate reported (default ``"exact"`` when measured).
+    view : str
+        The view reported (``"flatten"``: the paper's layer output).
+    title : str
+        The level-1 heading.
+    notes : sequence of str
+        Extra lines printed under the heading (e.g. the command and settings).
+
+    Returns
+    -------
+    str
+        Markdown text. Per variant: final accuracy, then one row per layer with
+        mean ICS of each estimator, the mean best bounds and which bound was best,
+        tightness, the mean sampling floor and the share of steps above it, and the
+        share of steps whose bounds held.
+
+    Examples
+    --------
+    >>> rows = [("exact", 1.0), ("L3", 0.5), ("U1", 2.0)]
+    >>> df = pd.DataFrame([{"run": "batch", "step": 0, "layer": "bn", "view": "flatten",
+    ...                     "quantity": q, "value": v} for q, v in rows])
+    >>> text = summary_markdown(df, {"batch": 0.9})
+    >>> "## batch" in text and "90.0 %" in text
+    True
+    """
+    table = summary(df, quantity=quantity)
+    table = table[table["view"] == view]
+    if table.empty:
+        views = sorted(set(_rows_of(df, None)["view"].dropna().astype(str)))
+        raise ICSValueError(f"no rows with view={view!r} in `df`; views present: {views}")
+    quantity = str(table["quantity"].iloc[0])
+    accuracies = dict(accuracies or {})
+    estimators = [
+        q
+        for q in ESTIMATORS
+        if q != quantity and f"mean_{q}" in table and table[f"mean_{q}"].notna().any()
+    ]
+
+    out = [f"# {title}", ""]
+    out += [*notes, ""] if notes else []
+    out += [
+        f"ICS of a layer at step t: the Wasserstein-1 distance between its outputs on a fixed "
+        f"probe before and after the optimizer step t -> t+1 (estimator `{quantity}`, view "
+        f"`{view}`; unit: the layer's output unit). Means are over the measured steps.",
+        "",
+        "- *exact / upper*: mean of ICS divided by the best (smallest) upper bound that step; "
+        "*lower / exact*: the best (largest) lower bound divided by ICS. 1 = the bound is tight.",
+        "- *norm bound*: the normalization layer's own bound (U3 BatchNorm, U4 unitized, U5 "
+        "Unitization), from its normalized values and parameters at both steps; U1 (the "
+        "paired distance) is usually tight because the same-input coupling is nearly optimal "
+        "for small steps.",
+        "- *floor*: W1 between two random halves of the probe at one step (sampling noise); "
+        "*above floor*: share of steps with ICS above it.",
+        "- *bounds hold*: share of steps where every lower bound <= exact <= every upper bound "
+        "(tolerance `ics_toolkit.bounding.RTOL`).",
+        "",
+        "## Overview",
+        "",
+    ]
+    runs = order_runs([*table["run"], *accuracies])  # a run may have no measured step
+    overview = []
+    for run in runs:
+        part = table[table["run"] == run]
+        overview.append(
+            [
+                run or "(unnamed)",
+                _accuracy(accuracies, run),
+                len(part),
+                part["ics"].mean(),
+                part["norm_tightness"].mean(),
+                _pct(part["bounds_hold_frac"].mean()),
+            ]
+        )
+    out.append(
+        markdown_table(
+            [
+                "variant",
+                "final test accuracy",
+                "layers",
+                f"mean ICS ({quantity})",
+                "mean exact / norm bound",
+                "bounds hold",
+            ],
+            overview,
+        )
+    )
+    for run in runs:
+        part = table[table["run"] == run]
+        out += ["", f"## {run or '(unnamed)'}", ""]
+        steps = int(part["n_steps"].max()) if len(part) else 0
+        out += [f"Final test accuracy: {_accuracy(accuracies, run)}. Measured steps: {steps}."]
+        if part.empty:
+            out.append("No step of this variant was measured (see the events in the results).")
+            continue
+        out.append("")
+        headers = [
+            "layer",
+            "d",
+            f"ICS ({quantity})",
+            *estimators,
+            "best lower",
+            "best upper",
+            "norm bound",
+            "lower / exact",
+            "exact / upper",
+            "exact / norm bound",
+            "floor",
+            "above floor",
+            "bounds hold",
+        ]
+        body = []
+        for _, r in part.iterrows():
+            body.append(
+                [
+                    r["layer"],
+                    r.get("dim", None),
+                    r["ics"],
+                    *[r[f"mean_{q}"] for q in estimators],
+                    _named(r["best_lower"], r["best_lower_name"]),
+                    _named(r["best_upper"], r["best_upper_name"]),
+                    _named(r["norm_bound"], r["norm_bound_name"]),
+                    r["lower_tightness"],
+                    r["upper_tightness"],
+                    r["norm_tightness"],
+                    r["floor"],
+                    _pct(r["frac_above_floor"]),
+                    _pct(r["bounds_hold_frac"]),
+                ]
+            )
+        out.append(markdown_table(headers, body))
+    return "\n".join(out) + "\n"
+
+
+def _accuracy(accuracies: Mapping[str, float | None], run: str) -> str:
+    value = accuracies.get(run)
+    if value is None:
+        return "not measured"
+    if math.isnan(float(value)):
+        return "diverged"
+    return f"{100.0 * float(value):.1f} %"
+
+
+def _named(value: Any, name: Any) -> str:
+    if value is None or pd.isna(value):
+        return "–"
+    return f"{_fmt(value)} ({name})" if isinstance(name, str) else _fmt(value)
+
+
+# ---------------------------------------------------------------------- the sweep
+def fit_slopes(sweep_df: pd.DataFrame) -> pd.DataFrame:
+    """Least-squares slopes of log(value) against log(d) in a dimension-sweep table.
+
+    Parameters
+    ----------
+    sweep_df : pandas.DataFrame
+        The table of :func:`ics_toolkit.experiments.sweep_dim` (columns ``variant``,
+        ``dim``, ``noise``, ``quantity``, ``value``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``variant``, ``noise``, ``quantity``, ``slope`` (0.5 means growth
+        like sqrt(d), 0 means flat in d), ``n_dims``; only positive values are fitted.
+
+    Examples
+    --------
+    >>> d = [4, 16, 64]
+    >>> df = pd.DataFrame({"variant": "batch", "noise": 0.0, "quantity": "U3", "dim": d,
+    ...                    "value": [2.0 * x**0.5 for x in d]})
+    >>> round(float(fit_slopes(df)["slope"].iloc[0]), 6)
+    0.5
+    """
+    check_columns(sweep_df, ("variant", "dim", "quantity", "value"), "sweep_df")
+    df = sweep_df.copy()
+    if "noise" not in df.columns:
+        df["noise"] = 0.0
+    records = []
+    for (variant, noise, q), g in df.groupby(["variant", "noise", "quantity"], sort=False):
+        g = g[(g["value"] > 0) & np.isfinite(g["value"].astype("float64"))]
+        g = g.groupby("dim")["value"].mean()
+        if len(g) < 2:
+            continue
+        x = np.log(g.index.to_numpy(dtype="float64"))
+        y = np.log(g.to_numpy(dtype="float64"))
+        slope = float(np.polyfit(x, y, 1)[0])
+        records.append(
+            {"variant": variant, "noise": noise, "quantity": q, "slope": slope, "n_dims": len(g)}
+        )
+    return pd.DataFrame.from_records(
+        records, columns=["variant", "noise", "quantity", "slope", "n_dims"]
+    )
