@@ -70,7 +70,19 @@ _LAZY: dict[str, str] = {
 }
 # subpackages reachable as attributes after a bare ``import ics_toolkit``
 _SUBMODULES = frozenset(
-    {"nn", "models", "data", "views", "plots", "report", "experiments", "schedules", "train"}
+    {
+        "nn",
+        "models",
+        "data",
+        "views",
+        "plots",
+        "report",
+        "experiments",
+        "schedules",
+        "train",
+        "sketch",
+        "distributed",
+    }
 )
 
 

@@ -27,6 +27,7 @@ steps cost one counter increment and one schedule call.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 import warnings
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ics_toolkit import distributed
 from ics_toolkit._selection import is_norm
 from ics_toolkit.bounding import RTOL
 from ics_toolkit.distances import METHODS
@@ -51,9 +53,20 @@ from ics_toolkit.recording import Recorder
 from ics_toolkit.results import ResultWriter, _frame
 from ics_toolkit.schedules import as_schedule
 from ics_toolkit.shift import MeasureConfig, StepCapture, _event, measure_step, norm_snapshot
+from ics_toolkit.sketch import SketchTransform, chunk_bytes
 from ics_toolkit.views import VIEWS
 
-__all__ = ["ICSMonitor"]
+__all__ = ["WORKING_COPIES", "ICSMonitor"]
+
+#: Transient working memory of the estimators at a measured step, in float64 copies of
+#: one layer's largest view matrix (``ICSMonitor.memory_per_layer``'s ``bytes_working``):
+#: ``exact`` centres both samples and recomputes near-diagonal differences, the
+#: bounds difference the samples and sort every column for L3, the moments square the
+#: centred samples, the order check takes absolute values. Measured with
+#: ``benchmarks/scale.py`` (n = 256, d = 32768, CPU resident high-water mark): 1.5
+#: (``paired`` alone) to 5.5 (``exact``, or the bounds) copies on top of the held
+#: captures and views; U3 / U5 layers use 2 more (their float64 normalized values).
+WORKING_COPIES = 6
 
 Probe = Any  # Tensor | tuple | dict | torch.utils.data.DataLoader
 
@@ -171,6 +184,49 @@ class ICSMonitor:
         Tolerance of the bound checks (:data:`ics_toolkit.bounding.RTOL`).
     method_options : dict, optional
         Extra options per method, e.g. ``{"sinkhorn": {"reg": 0.05}}``.
+    sketch : int, optional
+        Store a random-projection sketch of k numbers per probe input instead of the
+        d of a wide layer (:mod:`ics_toolkit.sketch`; taken inside the hook, so n x d is
+        never kept). Needs ``views=("flatten",)``. Layers with d <= k are stored as
+        they are. Rows of sketched layers have view ``"sketch"`` and ``dim`` k, and
+        read as follows: ``exact`` (of the sketch), ``sliced``, ``max_sliced``, L1,
+        L2, L3 and the floors are exact statements about the sketch and **lower
+        bounds of the true W1** (the sketch is a contraction); ``paired``, U1 and U2
+        bound the sketch's W1 only, **not** the true W1; ``exact_jl`` =
+        ``sqrt(d'/k) * exact`` estimates the true W1 within a factor (1 +- eps),
+        eps ~ sqrt(log(n) / k) (Johnson-Lindenstrauss; ``d'`` is d rounded up to a
+        power of two); U3-U5 (they need the full normalized values) and the moment
+        drift are not reported. Memory per layer becomes independent of d (see
+        :meth:`memory_per_layer`).
+    rank : int
+        Under ``torch.distributed`` (an initialised process group): the rank that
+        measures and writes results (see :mod:`ics_toolkit.distributed`). Build the
+        monitor on every rank with the same arguments. Ignored in a single process.
+    gather : bool
+        False (default): only ``rank`` runs probe passes and the analysis, the other
+        ranks make no collective call at all. True: every rank captures its own probe
+        (its shard, e.g. :func:`ics_toolkit.distributed.shard`) and the shards are
+        gathered to ``rank`` at the end of each scheduled step, measured as one probe
+        in rank order. The gradient ICS, if asked for, uses the measuring rank's shard.
+    group : ProcessGroup, optional
+        Process group of ``rank`` and of the gather (default: the default group).
+    gather_timeout : float
+        Seconds a gather may wait for the other ranks; past it (or when a rank died)
+        the step is recorded as ``gather_failed`` and gathering stops, instead of
+        hanging.
+
+    Notes
+    -----
+    *Device placement.* Captures are stored on the model's device and every estimator
+    but two runs there:
+    the views, the moments, ``paired``, ``sliced``, ``max_sliced``,
+    ``per_coordinate``, the floors of these, the bounds and the sketch. ``exact``
+    builds its cost matrix on the device and hands it to POT's CPU solver;
+    ``sinkhorn`` runs POT's torch backend on the device. Only those matrices and the
+    final numbers (Python floats in the results table) reach the CPU. Under
+    ``torch.autocast`` the probe passes run as the training forward does (e.g.
+    bfloat16 activations), are stored in ``capture_dtype`` and analysed in float64
+    with autocast disabled.
 
     Attributes
     ----------
@@ -226,6 +282,11 @@ class ICSMonitor:
         capture_dtype: torch.dtype = torch.float32,
         rtol: float = RTOL,
         method_options: Mapping[str, Mapping[str, Any]] | None = None,
+        sketch: int | None = None,
+        rank: int = 0,
+        gather: bool = False,
+        group: Any = None,
+        gather_timeout: float = 300.0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ICSTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -246,6 +307,38 @@ class ICSMonitor:
         for name, value in (("n_projections", n_projections), ("probe_size", probe_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ICSValueError(f"`{name}` must be a positive int, got {value!r}")
+        if sketch is not None:
+            if not isinstance(sketch, int) or isinstance(sketch, bool) or sketch < 1:
+                raise ICSValueError(
+                    f"`sketch` must be None or a positive int (the sketch dimension k), "
+                    f"got {sketch!r}"
+                )
+            if views != ("flatten",):
+                raise ICSValueError(
+                    f"`sketch` stores a projection of the flatten view only, so it cannot "
+                    f"serve views {list(views)}; pass views=('flatten',) (or sketch=None)"
+                )
+        self.sketch = sketch
+        self._dist = distributed.context(rank, gather, group, gather_timeout)
+        self._dist_broken = False
+        sync_bn = _has_sync_bn(model)
+        if self._dist.distributed and sync_bn and mode != "eval":
+            if not gather:
+                raise ICSValueError(
+                    f"the model has SyncBatchNorm layers, which synchronize across ranks in "
+                    f"mode={mode!r} even in a probe pass, so a probe pass on one rank alone "
+                    "would wait forever; pass gather=True (every rank runs the probe) or "
+                    "mode='eval'"
+                )
+            if gradient:
+                raise ICSValueError(
+                    "gradient=True runs a forward-backward on the measuring rank alone, which "
+                    f"SyncBatchNorm layers in mode={mode!r} would block; pass mode='eval' or "
+                    "gradient=False"
+                )
+        # SyncBatchNorm normalizes with the statistics of every shard: one rank cannot
+        # recompute its normalized values, so it gets no U3
+        self._local_stats = not (self._dist.distributed and mode != "eval")
         self.config = MeasureConfig(
             methods=methods,
             views=views,
@@ -261,6 +354,7 @@ class ICSMonitor:
         self.where = where
 
         device = next((p.device for p in model.parameters()), None)
+        self._device = device
         if isinstance(probe, torch.utils.data.DataLoader):
             probe, loader_targets = _draw_probe(probe, probe_size, seed)
             probe = _to_device(probe, device)
@@ -277,15 +371,23 @@ class ICSMonitor:
 
         def sites(name: str, module: nn.Module) -> str:
             # bound layers need their input too, for the normalized values of U3 / U5
-            return "both" if self.config.bounds and _bound_layer(module) else where
+            return "both" if self._snapshots(module) else where
 
         self.recorder = Recorder(
             model, layers, sites, dtype=capture_dtype, mode=mode, seed=seed, device="model"
         )
+        if sketch is not None:
+            axes = {t.name: t.axes[0] for t in self.recorder._targets()}
+            self.recorder.transform = SketchTransform(sketch, seed, axes)
         self._train_mode = mode
-        self._check_probe()
+        if self._dist.captures:
+            self._check_probe()
 
-        self.writer = ResultWriter(path, format=format, run=run) if path is not None else None
+        self.writer = (
+            ResultWriter(path, format=format, run=run)
+            if path is not None and self._dist.measures
+            else None
+        )
         self.run = self.writer.run if self.writer is not None else (run or "")
         self._rows: list[dict[str, Any]] = []
         self._frame_cache: Any = None
@@ -380,9 +482,18 @@ class ICSMonitor:
                 "is still open)"
             )
         self._current = self.step_count if step is None else int(step)
-        if not self.schedule(self._current):
+        if not self.schedule(self._current) or not self._dist.captures or self._dist_broken:
             return
-        before = self._capture()
+        try:
+            before = self._capture()
+        except Exception as err:
+            if not self._dist.exchanges:
+                raise
+            # the other ranks will wait for this one at the end of the step: take part
+            # with a failed status instead of leaving them hanging
+            self._warn_failure(f"step {self._current}: the probe pass before the step", err)
+            self._pending = {"failed": True}
+            return
         self._pending = {
             "capture": before,
             "versions": [p._version for p in self._params],
@@ -403,6 +514,9 @@ class ICSMonitor:
         self.step_count = step + 1
         if pending is None:
             return
+        if self._dist.exchanges:
+            self._after_gather(step, pending)
+            return
         if self._skipped(pending):
             msg = (
                 f"step {step}: the optimizer step changed no parameter (a GradScaler skip on "
@@ -413,8 +527,18 @@ class ICSMonitor:
             return
         start = time.perf_counter()
         after = self._capture()
-        keys = [k for k in pending["capture"].tensors if self._measured(k)]
-        rows = measure_step(step, pending["capture"], after, self.config, keys)
+        self._measure(step, pending, pending["capture"], after, start)
+
+    def _measure(
+        self,
+        step: int,
+        pending: Mapping[str, Any],
+        before: StepCapture,
+        after: StepCapture,
+        start: float,
+    ) -> None:
+        keys = [k for k in before.tensors if self._measured(k)]
+        rows = measure_step(step, before, after, self.config, keys)
         if self.gradient:
             rows.extend(self._gradient_rows(step, pending["params"]))
         rows.append(
@@ -428,13 +552,32 @@ class ICSMonitor:
         self._emit(rows)
 
     def abort_step(self, reason: str = "the training step raised") -> None:
-        """Drop the open step without measuring it, recording an ``aborted`` event."""
+        """Drop the open step without measuring it, recording an ``aborted`` event.
+
+        With ``gather=True`` this rank still takes part in the step's exchange (with an
+        *aborted* status), so the other ranks are not left waiting for it, and the
+        aborted step keeps its index (the next step is the next index, as on the ranks
+        whose step went through), so that the ranks' schedules stay aligned.
+        """
         if self._current is None:
             return
         step, measured = self._current, self._pending is not None
         self._current, self._pending = None, None
-        if measured:
-            self._emit([_event(step, None, "aborted", f"step {step} not measured: {reason}")])
+        if self._dist.exchanges:
+            self.step_count = step + 1
+        if not measured:
+            return
+        message = f"step {step} not measured: {reason}"
+        if self._dist.exchanges:
+            message = f"step {step} not measured: rank {self._dist.rank}: {reason}"
+            result = self._exchange(step, distributed.ABORTED, None, None)
+            if result is None:
+                return
+            others = _rank_report(result.statuses, exclude=self._dist.rank)
+            if others:
+                message += f"; {others}"
+        if self._dist.measures:
+            self._emit([_event(step, None, "aborted", message)])
 
     @contextlib.contextmanager
     def step(self, step: int | None = None) -> Iterator[None]:
@@ -458,7 +601,14 @@ class ICSMonitor:
         Columns are :data:`ics_toolkit.results.COLUMNS`; pivot with
         :func:`ics_toolkit.to_wide`. Warns when no step has been measured yet.
         """
-        if not self._rows:
+        if not self._rows and not self._dist.measures:
+            warnings.warn(
+                f"this is rank {self._dist.rank}; results are kept by the measuring rank "
+                f"{self._dist.measuring_rank} only, so results() is empty here",
+                ICSWarning,
+                stacklevel=2,
+            )
+        elif not self._rows:
             warnings.warn(
                 "no step measured yet; results() is empty (check `every` and attach())",
                 ICSWarning,
@@ -470,6 +620,133 @@ class ICSMonitor:
 
     compute = results
 
+    def memory_per_layer(self) -> Any:
+        """Memory the monitor keeps per captured layer, predicted from a dry run.
+
+        One counting-only probe pass (no tensor kept, no side effect; in eval mode so
+        that it never synchronizes SyncBatchNorm layers) gives each layer's output
+        shape; the sizes follow from ``capture_dtype``, ``sketch``, ``views`` and the
+        bounds. Per process: with ``gather=True`` the measuring rank also holds the
+        other ranks' shards of the gathered captures (world size times the numbers for
+        equal shards).
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per capture key (module calls after the first assumed to have the
+            first call's shape), columns:
+
+            - ``layer``, ``site``, ``device``, ``dtype``;
+            - ``shape``: what the layer produced; ``stored_shape``: what is stored
+              ((n, k) for a sketched layer); ``dim``: width d of the flatten view;
+              ``sketch``: k, or NA when stored unsketched;
+            - ``bytes_per_capture``: the stored tensor plus, for BatchNorm /
+              Unitization layers with bounds, their normalized values (input shape);
+            - ``bytes_held``: twice that, what is held from before the optimizer step
+              to the end of the analysis (the capture at t and at t+1);
+            - ``bytes_analysis``: the float64 sample matrices of the views built for
+              the analysis (both sides), held during it for every layer at once;
+            - ``bytes_working``: an estimate of the transient working memory, needed
+              one layer at a time: :data:`WORKING_COPIES` float64 copies of the
+              layer's largest view matrix (two more for U3 / U5 layers) for the
+              estimators, or, if larger, the sketch's chunks in the capture hook
+              (:func:`ics_toolkit.sketch.chunk_bytes`);
+            - ``bytes_peak``: ``bytes_held + bytes_analysis + bytes_working``.
+
+            All but ``bytes_working`` are exact (tested against the tensors a capture
+            holds). For a measured step of the whole model, the peak is about the sum
+            of ``bytes_held + bytes_analysis`` over the layers plus the largest
+            ``bytes_working``, plus one no-grad forward pass of the probe, plus the
+            ``exact`` solver's n x n problem (about 48 n^2 bytes of CPU memory).
+            ``benchmarks/scale.py`` prints the prediction beside the measured peak.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch import nn
+        >>> import ics_toolkit as ics
+        >>> model = nn.Sequential(nn.Linear(8, 4096), nn.LayerNorm(4096))
+        >>> mon = ics.ICSMonitor(model, torch.randn(32, 8), sketch=64)
+        >>> mon.memory_per_layer()[["layer", "stored_shape", "bytes_per_capture"]].values.tolist()
+        [['1', (32, 64), 8192]]
+        """
+        import pandas as pd
+
+        quiet = Recorder(self.model, self.recorder.layers, self.recorder.where, mode="eval")
+        table = quiet.dry_run(self.probe)
+        targets = {t.name: t for t in self.recorder._targets()}
+        itemsize = torch.empty((), dtype=self.recorder.dtype).element_size()
+        shapes = {(row.name, row.site): tuple(row.shape) for row in table.itertuples()}
+        device = str(self._device) if self._device is not None else "cpu"
+        rows = []
+        for row in table.itertuples():
+            for call in range(1, int(row.calls) + 1):
+                key = row.name + (f"#{call}" if call > 1 else "")
+                key += ":input" if row.site == "input" else ""
+                if not self._measured(key):
+                    continue
+                module = targets[row.name].module
+                shape = tuple(row.shape)
+                batch = targets[row.name].axes[0] % len(shape)
+                n = shape[batch]
+                dim = math.prod(shape) // n
+                sketched = self.sketch is not None and dim > self.sketch
+                stored = (n, self.sketch) if sketched else shape
+                stored_bytes = math.prod(stored) * itemsize
+                extra = 0
+                if row.site == "output" and self._snapshots(module):
+                    in_shape = shapes.get((row.name, "input"), shape)
+                    extra = math.prod(in_shape) * itemsize  # x_hat, storage dtype
+                rows.append(
+                    {
+                        "layer": key,
+                        "site": row.site,
+                        "device": device,
+                        "dtype": str(self.recorder.dtype).removeprefix("torch."),
+                        "shape": shape,
+                        "stored_shape": stored,
+                        "dim": dim,
+                        "sketch": self.sketch if sketched else None,
+                        "bytes_per_capture": stored_bytes + extra,
+                        "bytes_held": 2 * (stored_bytes + extra),
+                    }
+                )
+                analysis, largest = self._analysis_bytes(
+                    stored, 0 if sketched else batch, targets[row.name].axes[1]
+                )
+                working = (WORKING_COPIES + (2 if extra else 0)) * largest
+                if sketched:  # the hook's transient chunks (not at the same time)
+                    source = torch.empty((), dtype=self._source_dtype()).element_size()
+                    working = max(working, chunk_bytes(n, dim, device, max(source, 4)))
+                rows[-1].update(
+                    bytes_analysis=analysis,
+                    bytes_working=working,
+                    bytes_peak=rows[-1]["bytes_held"] + analysis + working,
+                )
+        frame = pd.DataFrame(rows)
+        frame["sketch"] = frame["sketch"].astype("Int64")
+        return frame
+
+    def _source_dtype(self) -> torch.dtype:
+        return next((p.dtype for p in self.model.parameters()), torch.float32)
+
+    def _analysis_bytes(self, stored: tuple[int, ...], batch: int, channel: int) -> tuple[int, int]:
+        """float64 sample matrices of every view of one layer (both sides), and the largest."""
+        numel = math.prod(stored)
+        n = stored[batch]
+        total = largest = 0
+        for name in self.config.views:
+            if name == "flatten" or len(stored) == 1:
+                rows, width = n, numel // n
+            else:  # pixel / channel: one row per (input, position), C columns
+                width = stored[channel % len(stored)]
+                rows = numel // width
+            if name == "pixel":
+                rows = min(rows, self.config.max_pixel_samples)
+            total += 2 * rows * width * 8
+            largest = max(largest, rows * width * 8)
+        return total, largest
+
     def reset(self) -> None:
         """Forget the rows kept in memory and the step count (files on disk are kept)."""
         self._rows, self._frame_cache = [], None
@@ -478,9 +755,15 @@ class ICSMonitor:
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
+        extra = f", sketch={self.sketch}" if self.sketch is not None else ""
+        if self._dist.distributed:
+            role = "measures" if self._dist.measures else "silent"
+            if self._dist.exchanges:
+                role += ", gathers"
+            extra += f", rank {self._dist.rank}/{self._dist.world_size} ({role})"
         return (
             f"ICSMonitor({len(self.recorder.names)} layers, methods={list(self.config.methods)}, "
-            f"views={list(self.config.views)}, {state}, steps={self.step_count}, "
+            f"views={list(self.config.views)}{extra}, {state}, steps={self.step_count}, "
             f"measured={self.update_count})"
         )
 
@@ -489,13 +772,22 @@ class ICSMonitor:
         is_input = key.endswith(":input")
         return (self.where == "both") or (is_input == (self.where == "input"))
 
+    def _snapshots(self, module: nn.Module) -> bool:
+        """Whether the normalized values of ``module`` are recomputed (for U3 / U5)."""
+        return (
+            self.config.bounds
+            and self.sketch is None
+            and _bound_layer(module)
+            and (self._local_stats or not isinstance(module, nn.SyncBatchNorm))
+        )
+
     def _capture(self) -> StepCapture:
         tensors = self.recorder.run(self.probe)
         info = self.recorder.info
         norms = {}
         training = self._train_mode == "train"
         for key, inf in info.items():
-            if not key.endswith(":input"):
+            if not key.endswith(":input") or not self._snapshots(inf.module):
                 continue
             out_key = key[: -len(":input")]
             if self._train_mode == "keep":
@@ -505,7 +797,77 @@ class ICSMonitor:
                 norms[out_key] = snap
         for key in [k for k in tensors if k.endswith(":input") and not self._measured(k)]:
             del tensors[key]  # captured only for the normalized values
-        return StepCapture(tensors=tensors, info=info, norms=norms)
+        sketched = {}
+        if self.sketch is not None:
+            for key, inf in info.items():
+                if key in tensors and inf.shape != inf.source_shape:
+                    sketched[key] = math.prod(inf.source_shape) // inf.shape[0]
+        return StepCapture(tensors=tensors, info=info, norms=norms, sketched=sketched)
+
+    # ------------------------------------------------------------------ distributed
+    def _warn_failure(self, what: str, err: BaseException) -> None:
+        warnings.warn(
+            f"{what} failed on rank {self._dist.rank} ({type(err).__name__}: {err}); the step "
+            "is not measured, training goes on",
+            ICSRuntimeWarning,
+            stacklevel=4,
+        )
+
+    def _exchange(
+        self,
+        step: int,
+        status: int,
+        before: StepCapture | None,
+        after: StepCapture | None,
+    ) -> distributed.Exchange | None:
+        """One gather; None (after recording it) when the collectives failed."""
+        try:
+            return distributed.exchange(
+                self._dist, step, status, before, after, device=self._device
+            )
+        except distributed.CommFailure as err:
+            self._dist_broken = True
+            message = (
+                f"{err}. A rank died or stopped calling the optimizer step; "
+                "the monitor stops gathering for the rest of the run"
+            )
+            warnings.warn(message, ICSRuntimeWarning, stacklevel=4)
+            if self._dist.measures:
+                self._emit([_event(step, None, "gather_failed", message)])
+            return None
+
+    def _after_gather(self, step: int, pending: Mapping[str, Any]) -> None:
+        start = time.perf_counter()
+        status, after = distributed.OK, None
+        if pending.get("failed"):
+            status = distributed.FAILED
+        elif self._skipped(pending):
+            status = distributed.SKIPPED
+        else:
+            try:
+                after = self._capture()
+            except Exception as err:
+                self._warn_failure(f"step {step}: the probe pass after the step", err)
+                status = distributed.FAILED
+        before = pending.get("capture") if status == distributed.OK else None
+        result = self._exchange(step, status, before, after)
+        del before, after
+        if result is None or not self._dist.measures:
+            return
+        statuses = result.statuses
+        if all(s == distributed.SKIPPED for s in statuses):
+            msg = (
+                f"step {step}: the optimizer step changed no parameter (a GradScaler skip on "
+                "inf/NaN gradients, or a gradient-accumulation micro-step); nothing measured"
+            )
+            warnings.warn(msg, ICSRuntimeWarning, stacklevel=3)
+            self._emit([_event(step, None, "skipped_step", msg)])
+            return
+        if any(s != distributed.OK for s in statuses):
+            message = f"step {step} not measured: {_rank_report(statuses)}"
+            self._emit([_event(step, None, "aborted", message)])
+            return
+        self._measure(step, pending, result.before, result.after, start)
 
     def _skipped(self, pending: Mapping[str, Any]) -> bool:
         versions = [p._version for p in self._params]
@@ -572,6 +934,24 @@ def _floor_methods(floor: bool | Sequence[str], methods: tuple[str, ...]) -> tup
             "floor (paired needs paired rows); pass True, False or a subset of `methods`"
         )
     return chosen
+
+
+def _has_sync_bn(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+
+
+def _rank_report(statuses: Sequence[int], exclude: int | None = None) -> str:
+    """'rank 1 aborted its step; rank 2 failed to capture' for the ranks not OK."""
+    words = {
+        distributed.SKIPPED: "skipped its step (no parameter changed)",
+        distributed.ABORTED: "aborted its step",
+        distributed.FAILED: "failed to capture the probe (see its warning)",
+    }
+    return "; ".join(
+        f"rank {r} {words[s]}"
+        for r, s in enumerate(statuses)
+        if s != distributed.OK and r != exclude and s in words
+    )
 
 
 def _bound_layer(module: nn.Module) -> bool:

@@ -10,6 +10,7 @@ no model is run here, so it can be tested (and reused) on hand-made captures.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -26,6 +27,7 @@ from ics_toolkit.distances import sampling_floor, wasserstein, wasserstein_many
 from ics_toolkit.errors import ICSError, ICSWarning
 from ics_toolkit.moments import moment_drift
 from ics_toolkit.recording import CaptureInfo
+from ics_toolkit.sketch import jl_scale, no_autocast
 from ics_toolkit.views import view
 
 __all__ = ["MeasureConfig", "NormSnapshot", "StepCapture", "measure_step", "norm_snapshot"]
@@ -69,11 +71,17 @@ class NormSnapshot:
 
 @dataclass
 class StepCapture:
-    """Everything captured on one side of an optimizer step."""
+    """Everything captured on one side of an optimizer step.
+
+    ``sketched`` maps the keys stored as a random-projection sketch (``tensors[key]``
+    of shape (n, k), see :mod:`ics_toolkit.sketch`) to the width d of the flattened
+    output they sketch; their rows get the view ``"sketch"``.
+    """
 
     tensors: dict[str, torch.Tensor]
     info: dict[str, CaptureInfo]
     norms: dict[str, NormSnapshot] = field(default_factory=dict)
+    sketched: dict[str, int] = field(default_factory=dict)
 
 
 def _vector(p: torch.Tensor | None) -> torch.Tensor | None:
@@ -96,10 +104,15 @@ def norm_snapshot(module: nn.Module, x: torch.Tensor, *, training: bool) -> Norm
     try:
         module.training = training  # normalized() picks batch or running statistics by it
         # in the storage dtype: x_hat is stored in it anyway, and float64 here would
-        # double the cost of a measured step's norm layers for digits nobody keeps
-        out = normalized(module, x, dtype=None)
+        # double the cost of a measured step's norm layers for digits nobody keeps; but
+        # never below float32: batch statistics in bfloat16 / float16 are badly wrong
+        low = x.dtype in (torch.float16, torch.bfloat16)
+        with no_autocast(x.device):
+            out = normalized(module, x, dtype=torch.float32 if low else None)
     finally:
         module.training = was
+    if low:
+        out = out._replace(x_hat=out.x_hat.to(x.dtype))
     unit = isinstance(module, Unitization)
     return NormSnapshot(
         x_hat=out.x_hat,
@@ -190,7 +203,32 @@ def measure_step(
         A layer whose outputs are not finite gets one ``nonfinite`` event row (and an
         :class:`~ics_toolkit.errors.ICSWarning`); the other layers are measured. A
         violated bound is warned about and kept (``bounds_hold`` False).
+
+    Notes
+    -----
+    Everything runs on the captures' device, in float64, with autocast disabled (a
+    capture taken under ``torch.autocast`` is analysed at full precision); only the
+    ``exact`` solver's cost matrix (POT runs on the CPU) and the final numbers move
+    to the host. Keys in ``before.sketched`` are random-projection sketches: their
+    rows get the view ``"sketch"``, every quantity is that of the sketch (lower
+    bounds and ``exact`` remain lower bounds of the true W1, upper bounds do not),
+    ``exact_jl`` is the Johnson-Lindenstrauss estimate ``sqrt(d'/k) * exact`` of the
+    true W1, and no moment drift is reported (see :mod:`ics_toolkit.sketch`).
     """
+    types = {"cpu"} | {t.device.type for t in before.tensors.values()}
+    with contextlib.ExitStack() as stack:
+        for device_type in sorted(types):
+            stack.enter_context(no_autocast(torch.device(device_type)))
+        return _measure_step(step, before, after, config, keys)
+
+
+def _measure_step(
+    step: int,
+    before: StepCapture,
+    after: StepCapture,
+    config: MeasureConfig,
+    keys: Sequence[str] | None,
+) -> list[dict[str, Any]]:
     keys = list(before.tensors) if keys is None else list(keys)
     rows: list[dict[str, Any]] = []
     groups: dict[tuple[str, str], dict[str, Any]] = {}  # (key, view) -> views and rows
@@ -220,8 +258,9 @@ def measure_step(
         _measure_groups(step, groups, before, after, config)
     for (key, name), g in groups.items():
         n, d = int(g["x"].shape[0]), int(g["x"].shape[1])
+        label = "sketch" if key in before.sketched else name
         for row in g["rows"]:
-            row.update(step=step, layer=key, view=name, n_samples=n, dim=d)
+            row.update(step=step, layer=key, view=label, n_samples=n, dim=d)
             row.setdefault("seed", config.seed)
             rows.append(row)
     return rows
@@ -292,6 +331,12 @@ def _measure_groups(
 
     for (key, name), g in groups.items():
         x, y = g["x"], g["y"]
+        width = before.sketched.get(key)
+        if width is not None:  # the JL estimate of the true W1 from the sketch's exact W1
+            exact = next((r for r in g["rows"] if r["quantity"] == "exact"), None)
+            if exact is not None and math.isfinite(exact["value"]):
+                value = jl_scale(width, int(x.shape[1])) * exact["value"]
+                g["rows"].append(_row("estimate", "exact_jl", value, wall_time_s=0.0))
         if config.floor:
             floored = [m for m in (*g["batched"], *g["methods"]) if m in config.floor]
             if name == "channel":
@@ -312,7 +357,7 @@ def _measure_groups(
                 g["rows"].append(_row("floor", f"floor_{method}", value, wall_time_s=seconds))
         if config.bounds and name != "channel":
             g["rows"].extend(_bound_rows(key, name, g, before, after, config))
-        if config.moments and name != "channel":
+        if config.moments and name != "channel" and width is None:
             start = time.perf_counter()
             drift = moment_drift(x, y)
             seconds = time.perf_counter() - start

@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# One short GPU check (under 5 minutes on one H100): the engine, monitor and scale
+# benchmarks on CUDA, plus the test suite's CUDA-only tests, with every output kept.
+#
+#   bash benchmarks/gpu_check.sh            # from the repository root
+#   OUT=/some/dir bash benchmarks/gpu_check.sh   # also write each output to $OUT/*.txt
+#
+# It installs nothing but the package itself (`pip install --no-deps -e .`, falling back
+# to PYTHONPATH): the GPU machine may have no network, so POT, pandas, scipy... must
+# already be there. A step whose imports fail is skipped with a message saying which
+# module is missing; a step that runs past its time cap is stopped (`timeout`), so the
+# whole script stays under BUDGET_S seconds.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+BUDGET_S=${BUDGET_S:-285}
+PY=${PYTHON:-$(command -v python || command -v python3)}
+OUTDIR=${OUT:-}
+[ -n "$OUTDIR" ] && mkdir -p "$OUTDIR"
+START=$(date +%s)
+
+say() { printf '%s\n' "$*"; [ -n "$OUTDIR" ] && printf '%s\n' "$*" >>"$OUTDIR/summary.txt"; return 0; }
+
+left() { echo $((BUDGET_S - ($(date +%s) - START))); }
+
+# run NAME CAP_S MODULES -- COMMAND...: skip on missing modules, cap the time, keep output
+run() {
+    local name=$1 cap=$2 modules=$3
+    shift 4
+    local missing
+    missing=$("$PY" - "$modules" <<'EOF'
+import importlib, sys
+bad = []
+for name in sys.argv[1].split(","):
+    try:
+        importlib.import_module(name)
+    except Exception as err:  # ImportError, or a broken install
+        bad.append(f"{name} ({type(err).__name__}: {err})")
+print("; ".join(bad))
+EOF
+)
+    if [ -n "$missing" ]; then
+        say "SKIP $name: cannot import $missing"
+        return 0
+    fi
+    local budget
+    budget=$(left)
+    if [ "$budget" -lt 15 ]; then
+        say "SKIP $name: out of time (budget ${BUDGET_S}s spent)"
+        return 0
+    fi
+    [ "$cap" -gt "$budget" ] && cap=$budget
+    say "=== $name (cap ${cap}s): $*"
+    local log=/dev/null
+    [ -n "$OUTDIR" ] && log="$OUTDIR/$name.txt"
+    local t0=$SECONDS rc
+    timeout --kill-after=10 "$cap" "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        say "=== $name: STOPPED at its ${cap}s cap (partial output above)"
+    else
+        say "=== $name: exit code $rc after $((SECONDS - t0))s"
+    fi
+}
+
+# --- the environment -------------------------------------------------------------
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | wc -l) uncommitted file(s)"
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    "$PY" - <<'EOF'
+import importlib, platform
+print("python", platform.python_version())
+try:
+    import torch
+    cuda = torch.cuda.is_available()
+    print("torch", torch.__version__, "cuda", torch.version.cuda, "available", cuda)
+    if cuda:
+        print("device 0:", torch.cuda.get_device_name(0))
+except Exception as err:
+    print("torch import failed:", err)
+for name in ("numpy", "scipy", "pandas", "ot", "matplotlib", "pytest", "hypothesis"):
+    try:
+        mod = importlib.import_module(name)
+        print(f"{name} {getattr(mod, '__version__', '?')}")
+    except Exception as err:
+        print(f"{name} MISSING ({type(err).__name__})")
+EOF
+} 2>&1 | tee ${OUTDIR:+"$OUTDIR/env.txt"}
+
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    say "ABORT: torch cannot see a CUDA device; nothing here would run on a GPU"
+    exit 1
+fi
+
+# --- the package, without touching the network --------------------------------------
+if ! "$PY" -m pip install --quiet --no-deps --no-build-isolation -e . >/dev/null 2>&1; then
+    say "note: 'pip install --no-deps -e .' failed; using PYTHONPATH=$PWD instead"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1  # a step stopped at its cap keeps the output it printed
+
+# --- the checks, cheapest first ------------------------------------------------------
+# CUDA-only tests (skipped on CPU machines): device placement, the sketch on the GPU.
+run cuda_tests 45 "pytest,hypothesis,pandas,ot,scipy,ics_toolkit.monitor" -- \
+    "$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_scale.py tests/test_sketch.py \
+    -k "cuda or hadamard or orthonormal or contraction"
+
+# Scale: cost of a measured step versus n and d per method, sketch cost, memory per layer.
+run scale_quick 60 "pandas,ot,ics_toolkit.monitor" -- \
+    "$PY" benchmarks/scale.py --quick --device cuda
+run scale 60 "pandas,ot,ics_toolkit.monitor" -- \
+    "$PY" benchmarks/scale.py --device cuda --ns 256 512 1024 2048 --ds 4096 16384 65536 262144 \
+    --n 512 --d 4096 --methods paired sliced max_sliced per_coordinate bounds moments \
+    --skip memory
+
+# Engine: batched sliced W1 vs POT, exact vs POT (the exact solver runs on the CPU).
+run engine 110 "numpy,ot,ics_toolkit.distances" -- \
+    "$PY" benchmarks/engine.py --device cuda --repeat 3
+
+# Monitor overhead on a training run; only where the script can run on CUDA.
+if [ -f benchmarks/monitor.py ]; then
+    if grep -q -- "--device" benchmarks/monitor.py; then
+        run monitor 45 "pandas,ot,ics_toolkit.monitor,ics_toolkit.models" -- \
+            "$PY" benchmarks/monitor.py --device cuda
+    else
+        say "SKIP monitor: benchmarks/monitor.py has no --device option (it times the CPU only)"
+    fi
+else
+    say "SKIP monitor: benchmarks/monitor.py is not in this checkout"
+fi
+
+say "done in $(($(date +%s) - START))s (budget ${BUDGET_S}s)"
