@@ -268,7 +268,13 @@ def _per_sample(value: ArrayLike | None, n: int, name: str, like: torch.Tensor):
 
 
 def _mean_sq_norm(t: torch.Tensor) -> float:
-    return float((t * t).sum(dim=1).mean())
+    """(1/n) sum_i ||t_i||^2, one pass and no temporary (these matrices can be large)."""
+    return float(torch.linalg.vector_norm(t).square()) / t.shape[0]
+
+
+def _mean_dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """(1/n) sum_i <a_i, b_i>."""
+    return float(torch.dot(a.reshape(-1), b.reshape(-1))) / a.shape[0]
 
 
 def _u3(a: _Norm, b: _Norm) -> float:
@@ -276,9 +282,11 @@ def _u3(a: _Norm, b: _Norm) -> float:
     d = a.x_hat.shape[1]
     m2x, m2y = _mean_sq_norm(a.x_hat), _mean_sq_norm(b.x_hat)
     d_eff = max(float(d), m2x, m2y)  # m2 <= d holds exactly only in train mode without eps
-    c = float((a.x_hat * b.x_hat).sum(dim=1).mean())
+    c = _mean_dot(a.x_hat, b.x_hat)
     core = math.sqrt(max(2.0 * (d_eff - c), 0.0))  # = sqrt(2 d'(1 - rho)), rho = c / d'
-    scale_change = math.sqrt(_mean_sq_norm((a.weight - b.weight) * b.x_hat))
+    # mean_i ||(g - g') * y_i||^2 = sum_k (g_k - g'_k)^2 * mean_i y_ik^2
+    column_sq = torch.linalg.vector_norm(b.x_hat, dim=0).square() / b.x_hat.shape[0]
+    scale_change = math.sqrt(max(float(torch.dot((a.weight - b.weight).square(), column_sq)), 0))
     shift_change = float(torch.linalg.vector_norm(a.bias - b.bias))
     return float(a.weight.abs().max()) * core + scale_change + shift_change
 
@@ -414,7 +422,7 @@ def bounds(
     if tx.shape[0] == ty.shape[0]:
         dist = torch.linalg.vector_norm(tx - ty, dim=1)
         out["U1"] = float(dist.mean())
-        out["U2"] = float(torch.sqrt((dist * dist).mean()))
+        out["U2"] = float(torch.linalg.vector_norm(dist)) / math.sqrt(n)
     elif before is not None or after is not None:
         raise ICSValueError(
             f"U3..U5 need paired samples (row i of `x` and `y` from the same probe input), "

@@ -43,10 +43,11 @@ def moment_drift(x: ArrayLike, y: ArrayLike) -> dict[str, float]:
 
     def moments(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         mu = t.mean(dim=0)
-        c = t - mu
-        c2 = c * c
+        c2 = (t - mu).square_()  # one temporary, squared in place: layers can be wide
+        var = c2.mean(dim=0)
+        m4 = c2.square_().mean(dim=0)
         norms = torch.linalg.vector_norm(t, dim=1)
-        return mu, c2.mean(dim=0), (c2 * c2).mean(dim=0), norms.var(unbiased=False)
+        return mu, var, m4, norms.var(unbiased=False)
 
     mx, vx, kx, nx = moments(tx)
     my, vy, ky, ny = moments(ty)
