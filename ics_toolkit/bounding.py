@@ -420,7 +420,14 @@ def bounds(
     out["L3"] = l3
 
     if tx.shape[0] == ty.shape[0]:
-        dist = torch.linalg.vector_norm(tx - ty, dim=1)
+        # row blocks of ~2 MiB: no (n, d) temporary for wide layers
+        rows = max(1, 2**18 // d)
+        dist = torch.cat(
+            [
+                torch.linalg.vector_norm(tx[i : i + rows] - ty[i : i + rows], dim=1)
+                for i in range(0, n, rows)
+            ]
+        )
         out["U1"] = float(dist.mean())
         out["U2"] = float(torch.linalg.vector_norm(dist)) / math.sqrt(n)
     elif before is not None or after is not None:

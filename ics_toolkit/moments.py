@@ -13,6 +13,8 @@ from ics_toolkit._arrays import ArrayLike, as_pair
 
 __all__ = ["moment_drift"]
 
+_BLOCK_VALUES = 2**18
+
 
 def moment_drift(x: ArrayLike, y: ArrayLike) -> dict[str, float]:
     """Change of per-coordinate moments between two samples.
@@ -43,9 +45,13 @@ def moment_drift(x: ArrayLike, y: ArrayLike) -> dict[str, float]:
 
     def moments(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         mu = t.mean(dim=0)
-        c2 = (t - mu).square_()  # one temporary, squared in place: layers can be wide
-        var = c2.mean(dim=0)
-        m4 = c2.square_().mean(dim=0)
+        var, m4 = torch.empty_like(mu), torch.empty_like(mu)
+        # column blocks of ~2 MiB: wide layers never need a second (n, d) temporary
+        width = max(1, _BLOCK_VALUES // t.shape[0])
+        for lo in range(0, t.shape[1], width):
+            c2 = (t[:, lo : lo + width] - mu[lo : lo + width]).square_()
+            var[lo : lo + width] = c2.mean(dim=0)
+            m4[lo : lo + width] = c2.square_().mean(dim=0)
         norms = torch.linalg.vector_norm(t, dim=1)
         return mu, var, m4, norms.var(unbiased=False)
 

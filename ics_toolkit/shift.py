@@ -306,9 +306,10 @@ def _measure_groups(
                 _estimate_rows(g, kernel, value, seconds, config)
                 continue
             per_direction = logs[gk]["per_direction"]
-            for method in [m for m in wanted if m in g["batched"]]:
+            methods = [m for m in wanted if m in g["batched"]]
+            for method in methods:  # one computation: its time is shared between the rows
                 v = value if method == "sliced" else float(per_direction.max())
-                _estimate_rows(g, method, v, seconds, config)
+                _estimate_rows(g, method, v, seconds / len(methods), config)
 
     for g in groups.values():
         for method in g["methods"]:
