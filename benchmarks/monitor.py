@@ -160,8 +160,10 @@ def main() -> None:
     last = df[df.step == df.step.max()]
     per_step = last.loc[last.quantity == "measure_time_s", "value"].item()
     print(
-        f"\none training step: {train_step * 1e3:.0f} ms; one measured step's analysis and "
-        f"second probe pass: {per_step * 1e3:.0f} ms, of which (summed over layers):"
+        f"\none training step: {train_step * 1e3:.0f} ms; the monitor's work at one measured "
+        f"step (two probe passes and the analysis): {per_step * 1e3:.0f} ms, so measuring every "
+        f"{args.every} steps costs {1 + per_step / (args.every * train_step):.2f}x; of the "
+        "analysis (summed over layers):"
     )
     seconds = last.drop_duplicates(["layer", "quantity"]).groupby("kind").wall_time_s.sum()
     for kind, value in seconds.sort_values(ascending=False).items():

@@ -484,6 +484,7 @@ class ICSMonitor:
         self._current = self.step_count if step is None else int(step)
         if not self.schedule(self._current) or not self._dist.captures or self._dist_broken:
             return
+        start = time.perf_counter()
         try:
             before = self._capture()
         except Exception as err:
@@ -494,15 +495,20 @@ class ICSMonitor:
             self._warn_failure(f"step {self._current}: the probe pass before the step", err)
             self._pending = {"failed": True}
             return
+        # parameter copies: the gradient ICS needs them, and so does the detection of a
+        # skipped step with fused optimizers (they may skip inside step() and still bump
+        # the version counters); one copy serves both
+        params = (
+            {n: p.detach().clone() for n, p in self.model.named_parameters()}
+            if self.gradient or _fused(self._optimizer)
+            else None
+        )
         self._pending = {
             "capture": before,
             "versions": [p._version for p in self._params],
-            "values": [p.detach().clone() for p in self._params]
-            if self.gradient or _fused(self._optimizer)
-            else None,
-            "params": {n: p.detach().clone() for n, p in self.model.named_parameters()}
-            if self.gradient
-            else None,
+            "values": None if params is None else list(params.values()),
+            "params": params if self.gradient else None,
+            "seconds": time.perf_counter() - start,  # this side's share of the step's cost
         }
 
     def after_step(self) -> None:
@@ -541,10 +547,10 @@ class ICSMonitor:
         rows = measure_step(step, before, after, self.config, keys)
         if self.gradient:
             rows.extend(self._gradient_rows(step, pending["params"]))
-        rows.append(
+        rows.append(  # everything the monitor spent on this step, both probe passes included
             {
                 **_event(step, None, "measure_time_s", ""),
-                "value": time.perf_counter() - start,
+                "value": time.perf_counter() - start + pending.get("seconds", 0.0),
                 "warning": None,
             }
         )
