@@ -634,20 +634,6 @@ def _some_layers(df: pd.DataFrame, view: str, max_layers: int) -> list[str] | No
     return [names[i] for i in idx]
 
 
-def _pick_quantity(df: pd.DataFrame, quantity: str | None) -> str:
-    from ics_toolkit.report import ESTIMATORS
-
-    present = set(df["quantity"].dropna().astype(str))
-    if quantity is not None:
-        return quantity
-    for q in ESTIMATORS:
-        if q in present:
-            return q
-    raise ICSValueError(
-        f"the results hold no ICS estimate ({', '.join(ESTIMATORS)}); quantities: {sorted(present)}"
-    )
-
-
 def draw_results(
     df: pd.DataFrame,
     out_dir: str | os.PathLike[str],
@@ -687,13 +673,13 @@ def draw_results(
         plot_compare`).
     """
     from ics_toolkit.plots import plot_compare, plot_heatmap, plot_ics, save_figure
-    from ics_toolkit.report import check_columns
+    from ics_toolkit.report import check_columns, default_quantity
 
     check_columns(df, ("step", "layer", "view", "quantity", "value"))
     if not formats:
         return []
     out = _prepare_out(out_dir)
-    quantity = _pick_quantity(df, quantity)
+    quantity = default_quantity(df, quantity)
     files: list[Path] = []
     layers = _some_layers(df, view, max_layers)
     fig = plot_ics(df, quantity=quantity, view=view, layers=layers)

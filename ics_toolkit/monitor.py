@@ -524,12 +524,7 @@ class ICSMonitor:
             self._after_gather(step, pending)
             return
         if self._skipped(pending):
-            msg = (
-                f"step {step}: the optimizer step changed no parameter (a GradScaler skip on "
-                "inf/NaN gradients, or a gradient-accumulation micro-step); nothing measured"
-            )
-            warnings.warn(msg, ICSRuntimeWarning, stacklevel=2)
-            self._emit([_event(step, None, "skipped_step", msg)])
+            self._record_skip(step, stacklevel=3)
             return
         start = time.perf_counter()
         after = self._capture()
@@ -862,18 +857,22 @@ class ICSMonitor:
             return
         statuses = result.statuses
         if all(s == distributed.SKIPPED for s in statuses):
-            msg = (
-                f"step {step}: the optimizer step changed no parameter (a GradScaler skip on "
-                "inf/NaN gradients, or a gradient-accumulation micro-step); nothing measured"
-            )
-            warnings.warn(msg, ICSRuntimeWarning, stacklevel=3)
-            self._emit([_event(step, None, "skipped_step", msg)])
+            self._record_skip(step, stacklevel=4)
             return
         if any(s != distributed.OK for s in statuses):
             message = f"step {step} not measured: {_rank_report(statuses)}"
             self._emit([_event(step, None, "aborted", message)])
             return
         self._measure(step, pending, result.before, result.after, start)
+
+    def _record_skip(self, step: int, stacklevel: int) -> None:
+        """A step that changed no parameter: an event row, never a measured shift of zero."""
+        msg = (
+            f"step {step}: the optimizer step changed no parameter (a GradScaler skip on "
+            "inf/NaN gradients, or a gradient-accumulation micro-step); nothing measured"
+        )
+        warnings.warn(msg, ICSRuntimeWarning, stacklevel=stacklevel)
+        self._emit([_event(step, None, "skipped_step", msg)])
 
     def _skipped(self, pending: Mapping[str, Any]) -> bool:
         versions = [p._version for p in self._params]

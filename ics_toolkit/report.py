@@ -36,6 +36,7 @@ __all__ = [
     "RUN_ORDER",
     "bound_band",
     "check_columns",
+    "default_quantity",
     "fit_slopes",
     "markdown_table",
     "order_layers",
@@ -158,7 +159,8 @@ def _pick(wide: pd.DataFrame, names: Sequence[str], how: str) -> tuple[pd.Series
     return values, names_
 
 
-def _auto_quantity(rows: pd.DataFrame, quantity: str | None) -> str:
+def default_quantity(rows: pd.DataFrame, quantity: str | None = None) -> str:
+    """``quantity`` if given, else the first of :data:`ESTIMATORS` present in ``rows``."""
     present = set(rows["quantity"].dropna().astype(str))
     if quantity is not None:
         return quantity
@@ -214,7 +216,7 @@ def bound_band(
     """
     check_columns(df, _REQUIRED)
     rows = _rows_of(df, view)
-    quantity = _auto_quantity(rows, quantity)
+    quantity = default_quantity(rows, quantity)
     keys = ["run", "step", "layer", "view"]
     if rows.empty:
         return pd.DataFrame(
@@ -302,7 +304,7 @@ def summary(df: pd.DataFrame, *, quantity: str | None = None) -> pd.DataFrame:
     keys = ["run", "layer", "view"]
     if rows.empty:
         raise ICSValueError("`df` holds no measurement rows (only events, or nothing)")
-    quantity = _auto_quantity(rows, quantity)
+    quantity = default_quantity(rows, quantity)
     band = bound_band(df, quantity=quantity, view=None)
     band["upper_ratio"] = band["value"] / band["best_upper"]
     band["lower_ratio"] = band["best_lower"] / band["value"]
