@@ -986,8 +986,10 @@ def sampling_floor(
     """W1 between two disjoint random halves of one sample: the estimate's noise level.
 
     Two halves of the same sample come from the same distribution, so any distance
-    between them is sampling noise. Report it beside an ICS value: a shift below
-    the floor is not distinguishable from noise. The halves have n // 2 rows each
+    between them is sampling noise: the floor is the accuracy of a W1 between two
+    samples as an estimate of the W1 between their populations. (An ICS measured on
+    the same probe inputs at two steps can lie far below it and still be exactly the
+    shift of that probe; see docs/theory.md.) The halves have n // 2 rows each
     (one row is left out when n is odd), so the floor is that of a sample of size
     n / 2, somewhat above the noise at size n (W1 noise shrinks with the sample
     size, slowly in high dimension).

@@ -246,9 +246,10 @@ def plot_ics(
     the band between the best lower bound (the largest of L1..L3, ``sliced`` and
     ``max_sliced`` present; each <= the exact W1) and the best upper bound (the
     smallest of ``paired`` and U1..U5 present; each >= the exact W1) shaded, the
-    sampling floor ``floor_<quantity>`` dashed (values near it are indistinguishable
-    from sampling noise) and, dotted, the normalization layer's own bound (U3
-    BatchNorm, U4 unitized, U5 Unitization) where measured.
+    sampling floor ``floor_<quantity>`` dashed (ICS well above it is a shift of the
+    population, not only of the probe; see docs/theory.md) and, dotted, the
+    normalization layer's own bound (U3 BatchNorm, U4 unitized, U5 Unitization)
+    where measured.
 
     Parameters
     ----------

@@ -734,7 +734,7 @@ class Recorder:
         store, targets = self._pass(inputs, keep=True)
         missing = [t for t in targets if t.calls == 0]
         if missing and not self.allow_missing:
-            raise ICSValueError(_missing_message(missing, self.model))
+            raise ICSValueError(_missing_message(missing))
         tensors, self._info = store.tensors, store.infos
         del store  # the result is the only holder of the tensors
         return tensors
@@ -778,7 +778,7 @@ class Recorder:
         return pd.DataFrame(rows, columns=columns)
 
 
-def _missing_message(missing: list[_Target], model: nn.Module) -> str:
+def _missing_message(missing: list[_Target]) -> str:
     names = ", ".join(repr(t.name) for t in missing[:8])
     more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
     causes = [

@@ -504,8 +504,10 @@ def summary_markdown(
         "Unitization), from its normalized values and parameters at both steps; U1 (the "
         "paired distance) is usually tight because the same-input coupling is nearly optimal "
         "for small steps.",
-        "- *floor*: W1 between two random halves of the probe at one step (sampling noise); "
-        "*above floor*: share of steps with ICS above it.",
+        "- *floor*: W1 between two random halves of the probe at one step, the accuracy of ICS "
+        "as an estimate of the population's shift (ICS on the same probe inputs can lie far "
+        "below it and still be exact for this probe); *above floor*: share of steps with ICS "
+        "above it.",
         "- *bounds hold*: share of steps where every lower bound <= exact <= every upper bound "
         "(tolerance `ics_toolkit.bounding.RTOL`).",
         "",

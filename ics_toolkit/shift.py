@@ -125,7 +125,7 @@ def norm_snapshot(module: nn.Module, x: torch.Tensor, *, training: bool) -> Norm
     )
 
 
-def _param_rows(p: torch.Tensor | None, shape: Sequence[int], name: str, opts: dict) -> Any:
+def _param_rows(p: torch.Tensor | None, shape: Sequence[int], name: str) -> Any:
     """A per-channel (C,) vector laid out like one row of the view of a (1, C, *spatial) tensor."""
     if p is None:
         return None
@@ -152,9 +152,9 @@ def _norm_states(
         states.append(
             NormState(
                 x_hat=x_hat,
-                weight=_param_rows(snap.weight, shape, name, opts),
-                bias=_param_rows(snap.bias, shape, name, opts),
-                alpha=_param_rows(snap.alpha, shape, name, opts),
+                weight=_param_rows(snap.weight, shape, name),
+                bias=_param_rows(snap.bias, shape, name),
+                alpha=_param_rows(snap.alpha, shape, name),
                 k=snap.k,
                 eps=snap.eps,
                 form=snap.form,  # type: ignore[arg-type]
