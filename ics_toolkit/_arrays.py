@@ -6,9 +6,6 @@ the same error everywhere. Errors name the argument and say what to do.
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -17,23 +14,6 @@ import torch
 from ics_toolkit.errors import ICSTypeError, ICSValueError
 
 ArrayLike = Any  # numpy.ndarray | torch.Tensor | nested sequences of numbers
-
-_local = threading.local()
-
-
-@contextlib.contextmanager
-def checked_finite() -> Iterator[None]:
-    """Skip the NaN/Inf scans inside the block: the caller has checked its inputs.
-
-    The monitor checks every captured tensor once, then calls several public functions
-    on views of it; without this each would scan the same values again.
-    """
-    before = getattr(_local, "trusted", False)
-    _local.trusted = True
-    try:
-        yield
-    finally:
-        _local.trusted = before
 
 
 def to_tensor(x: ArrayLike, name: str) -> torch.Tensor:
@@ -115,9 +95,7 @@ def as_samples(
 
 
 def check_finite_values(t: torch.Tensor, name: str) -> None:
-    """Raise if ``t`` holds NaN or Inf, naming ``name`` (skipped inside :func:`checked_finite`)."""
-    if getattr(_local, "trusted", False):
-        return
+    """Raise if ``t`` holds NaN or Inf, naming ``name``."""
     if not bool(torch.isfinite(t).all()):
         n_bad = int((~torch.isfinite(t)).sum())
         raise ICSValueError(

@@ -33,6 +33,7 @@ from typing import Literal
 
 import torch
 
+from ics_toolkit import _checks, _vocab
 from ics_toolkit._arrays import ArrayLike, as_pair, as_samples, to_tensor
 from ics_toolkit.errors import ICSValueError
 
@@ -58,10 +59,10 @@ RTOL = 1e-6
 ATOL = 1e-12
 
 #: Quantities that must not exceed W1 (the ``wasserstein`` methods sliced and
-#: max_sliced are lower bounds too).
-LOWER_BOUNDS = ("L1", "L2", "L3", "sliced", "max_sliced")
+#: max_sliced are lower bounds too); spelled in :mod:`ics_toolkit._vocab`.
+LOWER_BOUNDS = _vocab.LOWER_BOUNDS
 #: Quantities that must not fall below W1 (``paired`` is U1 under its method name).
-UPPER_BOUNDS = ("paired", "U1", "U2", "U3", "U4", "U5")
+UPPER_BOUNDS = _vocab.UPPER_BOUNDS
 
 Form = Literal["batchnorm", "unitization", "embedded"]
 
@@ -397,58 +398,104 @@ def bounds(
     >>> round(b["L1"], 9), round(b["U1"], 9), round(b["U2"], 9)
     (5.0, 5.0, 5.0)
     """
-    from ics_toolkit.distances import columnwise_w1, projected_w1, random_directions
-
     tx, ty = as_pair(x, y)
     n, d = tx.shape
-    out: dict[str, float] = {}
-
-    gap = tx.mean(dim=0) - ty.mean(dim=0)
-    out["L1"] = float(torch.linalg.vector_norm(gap))
-    nx = torch.linalg.vector_norm(tx, dim=1)
-    ny = torch.linalg.vector_norm(ty, dim=1)
-    out["L2"] = abs(float(nx.mean() - ny.mean()))
-
-    dirs = [(gap / gap.norm()).unsqueeze(1)] if out["L1"] > 0 else []
-    if n_projections:
-        dirs.append(
-            random_directions(d, n_projections, seed=seed, device=tx.device, dtype=tx.dtype)
+    if tx.shape[0] != ty.shape[0] and (before is not None or after is not None):
+        raise ICSValueError(
+            f"U3..U5 need paired samples (row i of `x` and `y` from the same probe input), "
+            f"got {tx.shape[0]} and {ty.shape[0]} rows"
         )
-    l3 = float(projected_w1(tx, ty, torch.cat(dirs, dim=1)).max()) if dirs else 0.0
-    if coordinate_axes:
-        l3 = max(l3, float(columnwise_w1(tx, ty).max()))
-    out["L3"] = l3
+    if (before is None) != (after is None):
+        raise ICSValueError("pass both `before` and `after` NormState objects, or neither")
+    n_projections = _checks.integer(n_projections, "n_projections", 0)
+    seed = _checks.seed(seed)
+    norms = None
+    if before is not None and after is not None:
+        norms = _prepare(before, after, n, d, tx)
+        if norms[0].form == "unitization":
+            _check_unitized(tx, norms[0], "x", rtol)
+            _check_unitized(ty, norms[1], "y", rtol)
+    return _bounds(tx, ty, norms, n_projections, seed, coordinate_axes=coordinate_axes)
 
-    if tx.shape[0] == ty.shape[0]:
-        # row blocks of ~2 MiB: no (n, d) temporary for wide layers
-        rows = max(1, 2**18 // d)
+
+def _lower(
+    tx: torch.Tensor,
+    ty: torch.Tensor,
+    n_projections: int,
+    seed: int,
+    coordinate_axes: bool,
+    gap: torch.Tensor | None = None,
+    row_norms: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """L1, L2 and L3 of checked float64 samples (the kernel).
+
+    ``gap`` (the mean gap) and ``row_norms`` are reused when a caller has them.
+    """
+    from ics_toolkit import _sliced
+    from ics_toolkit.distances import _directions
+
+    out: dict[str, float] = {}
+    if gap is None:
+        gap = tx.mean(dim=0) - ty.mean(dim=0)
+    out["L1"] = float(torch.linalg.vector_norm(gap))
+    if row_norms is None:
+        row_norms = (torch.linalg.vector_norm(tx, dim=1), torch.linalg.vector_norm(ty, dim=1))
+    out["L2"] = abs(float(row_norms[0].mean() - row_norms[1].mean()))
+    dirs = [(gap / gap.norm()).unsqueeze(0).to(tx.dtype)] if out["L1"] > 0 else []
+    if n_projections:
+        dirs.append(_directions(tx.shape[1], n_projections, seed, tx.device, tx.dtype).T)
+    l3 = float(_sliced.projected_group([tx], [ty], torch.cat(dirs))[0].max()) if dirs else 0.0
+    if coordinate_axes:
+        l3 = max(l3, float(_sliced.coordinate_group([tx], [ty], tx.dtype)[0].max()))
+    out["L3"] = l3
+    return out
+
+
+def _paired_upper(
+    tx: torch.Tensor, ty: torch.Tensor, dist: torch.Tensor | None = None
+) -> dict[str, float]:
+    """U1 and U2 of paired checked samples; ``dist`` reuses the row distances ||x_i - y_i||."""
+    n, d = tx.shape
+    if dist is None:
+        rows = max(1, 2**18 // d)  # row blocks of ~2 MiB: no (n, d) temporary for wide layers
         dist = torch.cat(
             [
                 torch.linalg.vector_norm(tx[i : i + rows] - ty[i : i + rows], dim=1)
                 for i in range(0, n, rows)
             ]
         )
-        out["U1"] = float(dist.mean())
-        out["U2"] = float(torch.linalg.vector_norm(dist)) / math.sqrt(n)
-    elif before is not None or after is not None:
-        raise ICSValueError(
-            f"U3..U5 need paired samples (row i of `x` and `y` from the same probe input), "
-            f"got {tx.shape[0]} and {ty.shape[0]} rows"
-        )
+    return {
+        "U1": float(dist.mean()),
+        "U2": float(torch.linalg.vector_norm(dist)) / math.sqrt(n),
+    }
 
-    if (before is None) != (after is None):
-        raise ICSValueError("pass both `before` and `after` NormState objects, or neither")
-    if before is not None and after is not None:
-        a, b = _prepare(before, after, n, d, tx)
-        if a.form == "batchnorm":
-            out["U3"] = _u3(a, b)
-        elif a.form == "unitization":
-            _check_unitized(tx, a, "x", rtol)
-            _check_unitized(ty, b, "y", rtol)
-            out["U4"] = _u4(a, b)
-        else:
-            out["U5"] = _u5(a, b)
-            assert a.alpha is not None and b.alpha is not None
-            if bool((a.alpha == 1).all()) and bool((b.alpha == 1).all()):
-                out["U4"] = _u4(a, b)
+
+def _norm_bounds(a: _Norm, b: _Norm) -> dict[str, float]:
+    """U3 / U4 / U5 of prepared (checked) norm states."""
+    if a.form == "batchnorm":
+        return {"U3": _u3(a, b)}
+    if a.form == "unitization":
+        return {"U4": _u4(a, b)}
+    out = {"U5": _u5(a, b)}
+    assert a.alpha is not None and b.alpha is not None
+    if bool((a.alpha == 1).all()) and bool((b.alpha == 1).all()):
+        out["U4"] = _u4(a, b)
+    return out
+
+
+def _bounds(
+    tx: torch.Tensor,
+    ty: torch.Tensor,
+    norms: tuple[_Norm, _Norm] | None,
+    n_projections: int,
+    seed: int,
+    *,
+    coordinate_axes: bool = True,
+) -> dict[str, float]:
+    """Every bound of checked float64 samples (the kernel behind :func:`bounds`)."""
+    out = _lower(tx, ty, n_projections, seed, coordinate_axes)
+    if tx.shape[0] == ty.shape[0]:
+        out.update(_paired_upper(tx, ty))
+    if norms is not None:
+        out.update(_norm_bounds(*norms))
     return out

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ics_toolkit._vocab import DEFAULT_METHODS, METHODS
 from ics_toolkit.errors import ICSError, ICSValueError
 
 __all__ = ["build_parser", "main"]
@@ -139,10 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--methods",
         type=_csv(str, "method names"),
-        default=["exact", "max_sliced", "sliced"],
+        default=list(DEFAULT_METHODS),
         metavar="LIST",
-        help="W1 estimators: exact, paired, sliced, max_sliced, sinkhorn, per_coordinate "
-        "(default: exact,max_sliced,sliced)",
+        help=f"W1 estimators: {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})",
     )
     run.add_argument(
         "--views",

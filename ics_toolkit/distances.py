@@ -44,10 +44,8 @@ come from a private ``torch.Generator`` on the samples' device, seeded by ``seed
 
 from __future__ import annotations
 
-import difflib
 import functools
 import math
-import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -55,7 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ics_toolkit import _sliced
+from ics_toolkit import _checks, _sliced, _vocab
 from ics_toolkit._arrays import ArrayLike, as_pair, as_samples, check_finite_values, to_tensor
 from ics_toolkit.errors import ICSTypeError, ICSValueError, SolverError
 
@@ -72,8 +70,8 @@ __all__ = [
     "wasserstein_many",
 ]
 
-#: The valid ``method`` names.
-METHODS: tuple[str, ...] = ("exact", "paired", "sliced", "max_sliced", "sinkhorn", "per_coordinate")
+#: The valid ``method`` names (spelled in :mod:`ics_toolkit._vocab`).
+METHODS: tuple[str, ...] = _vocab.METHODS
 
 #: Relative tolerance of the estimator order ``sliced <= max_sliced <= exact <= paired``.
 #: ``lo <= hi`` is taken to hold when ``lo <= hi + ORDER_RTOL * (|hi| + scale)``, where
@@ -116,51 +114,12 @@ _OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
     "max_sliced": dict(_FLOAT_OPTION),
     "per_coordinate": dict(_FLOAT_OPTION),
 }
-_BATCHED = frozenset({"sliced", "max_sliced", "per_coordinate"})
+_BATCHED = _vocab.BATCHED_METHODS
 
 Value = float | np.ndarray
 
 
 # --------------------------------------------------------------------------- checks
-def _check_method(method: object) -> str:
-    if isinstance(method, str) and method in METHODS:
-        return method
-    close = difflib.get_close_matches(str(method), METHODS, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ICSValueError(
-        f"`method` must be one of {', '.join(map(repr, METHODS))}; got {method!r}{hint}"
-    )
-
-
-def _check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ICSTypeError(f"`{name}` must be an integer, got {type(value).__name__}")
-    if int(value) < minimum:
-        raise ICSValueError(f"`{name}` must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_seed(seed: object) -> int:
-    seed = _check_int(seed, "seed", 0)
-    if seed >= 2**63:
-        raise ICSValueError(f"`seed` must be < 2**63, got {seed}")
-    return seed
-
-
-def _check_positive(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ICSTypeError(f"`{name}` must be a positive number, got {type(value).__name__}")
-    if not (math.isfinite(float(value)) and float(value) > 0):
-        raise ICSValueError(f"`{name}` must be a finite number > 0, got {value}")
-    return float(value)
-
-
-def _check_bool(value: object, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ICSTypeError(f"`{name}` must be True or False, got {value!r}")
-    return bool(value)
-
-
 def _parse_options(method: str, options: dict[str, Any], log: bool) -> dict[str, Any]:
     allowed = _OPTION_DEFAULTS[method]
     unknown = sorted(set(options) - set(allowed))
@@ -179,12 +138,12 @@ def _parse_options(method: str, options: dict[str, Any], log: bool) -> dict[str,
                 f"(keep the inputs' dtype), got {dt!r}"
             )
     if "numItermax" in opts and opts["numItermax"] is not None:
-        opts["numItermax"] = _check_int(opts["numItermax"], "numItermax", 1)
+        opts["numItermax"] = _checks.integer(opts["numItermax"], "numItermax", 1)
     if "memory_limit" in opts:
-        opts["memory_limit"] = _check_positive(opts["memory_limit"], "memory_limit")
+        opts["memory_limit"] = _checks.positive_number(opts["memory_limit"], "memory_limit")
     for name in ("reg", "stopThr"):
         if name in opts:
-            opts[name] = _check_positive(opts[name], name)
+            opts[name] = _checks.positive_number(opts[name], name)
     if "on_failure" in opts:
         if opts["on_failure"] not in ("raise", "flag"):
             raise ICSValueError(
@@ -196,6 +155,16 @@ def _parse_options(method: str, options: dict[str, Any], log: bool) -> dict[str,
                 "log, so a non-optimal value is never returned without it"
             )
     return opts
+
+
+def _checked_call(
+    method: object, log: object, options: dict[str, Any], n_projections: object, seed: object
+) -> tuple[str, bool, dict[str, Any], int, int]:
+    """The arguments every public estimator takes, checked once at the boundary."""
+    method = _checks.method(method)
+    log = _checks.boolean(log, "log")
+    opts = _parse_options(method, options, log)
+    return method, log, opts, _checks.integer(n_projections, "n_projections", 1), _checks.seed(seed)
 
 
 def _convert_pair(
@@ -305,9 +274,9 @@ def random_directions(
     >>> tuple(dirs.shape), bool(torch.allclose(dirs.norm(dim=0), torch.ones(5, dtype=dirs.dtype)))
     ((3, 5), True)
     """
-    d = _check_int(d, "d", 1)
-    n_projections = _check_int(n_projections, "n_projections", 1)
-    seed = _check_seed(seed)
+    d = _checks.integer(d, "d", 1)
+    n_projections = _checks.integer(n_projections, "n_projections", 1)
+    seed = _checks.seed(seed)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ICSTypeError(f"`dtype` must be a floating torch dtype, got {dtype!r}")
     device = torch.device("cpu") if device is None else torch.device(device)
@@ -674,6 +643,91 @@ def _batched_group(
     ]
 
 
+def _paired(
+    tx: torch.Tensor, ty: torch.Tensor, names: tuple[str, str] = ("x", "y")
+) -> tuple[float, dict[str, Any]]:
+    """mean_i ||x_i - y_i|| of two checked (n, d) tensors (the kernel, no argument checks)."""
+    total = torch.linalg.vector_norm(tx - ty, dim=1).sum()
+    if not bool(torch.isfinite(total)):
+        _raise_non_finite([(tx, names[0]), (ty, names[1])], "row differences", tx.dtype)
+    info = _base_log("paired", tx, ty)
+    info["dtype"] = _dtype_name(tx.dtype)
+    return float(total) / tx.shape[0], info
+
+
+def _halves(t: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two disjoint random halves of n // 2 rows of ``t`` (a private generator on its device)."""
+    gen = torch.Generator(device=t.device)
+    gen.manual_seed(seed)
+    n = t.shape[0]
+    perm = torch.randperm(n, generator=gen, device=t.device)
+    half = n // 2
+    return t[perm[:half]], t[perm[half : 2 * half]]
+
+
+def _many(
+    method: str,
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    names: Sequence[tuple[str, str]],
+    opts: Mapping[str, Any],
+    n_projections: int,
+    seed: int,
+) -> list[tuple[Value, dict[str, Any]]]:
+    """A batched method on many pairs of checked tensors: one kernel call per group.
+
+    Pairs are grouped by (n, m, d, device, dtype); equal widths share their directions.
+    """
+    results: list[Any] = [None] * len(pairs)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (tx, ty) in enumerate(pairs):
+        dtype = opts["dtype"] or tx.dtype
+        key = (tx.shape[0], ty.shape[0], tx.shape[1], tx.device, dtype)
+        groups.setdefault(key, []).append(i)
+    for (_, _, d, device, dtype), idx in groups.items():
+        directions_t = None
+        if method != "per_coordinate":
+            directions_t = _directions(d, n_projections, seed, device, dtype).T
+        out = _batched_group(
+            method,
+            [pairs[i][0] for i in idx],
+            [pairs[i][1] for i in idx],
+            [names[i] for i in idx],
+            dtype,
+            directions_t,
+            seed,
+        )
+        for i, res in zip(idx, out, strict=True):
+            results[i] = res
+    return results
+
+
+def _kernel(
+    method: str,
+    tx: torch.Tensor,
+    ty: torch.Tensor,
+    opts: Mapping[str, Any],
+    n_projections: int,
+    seed: int,
+    names: tuple[str, str] = ("x", "y"),
+) -> tuple[Value, dict[str, Any]]:
+    """One pair of checked, finite tensors, any method (``exact``/``sinkhorn``: float64).
+
+    The engine's entry below the argument checks: :func:`wasserstein` checks and
+    converts, then comes here; the monitor, whose configuration was checked once when
+    it was built, calls it directly.
+    """
+    if method == "exact":
+        return _exact(tx, ty, dict(opts))
+    if method == "sinkhorn":
+        return _sinkhorn(tx, ty, dict(opts))
+    dtype = opts.get("dtype") or tx.dtype
+    if tx.dtype != dtype:
+        tx, ty = tx.to(dtype), ty.to(dtype)
+    if method == "paired":
+        return _paired(tx, ty, names)
+    return _many(method, [(tx, ty)], [names], opts, n_projections, seed)[0]
+
+
 def _single(
     x: ArrayLike,
     y: ArrayLike,
@@ -683,30 +737,18 @@ def _single(
     n_projections: int,
     seed: int,
 ) -> tuple[Value, dict[str, Any]]:
-    """One pair, any method, arguments already validated."""
+    """One pair, any method, arguments already validated; converts and checks the samples."""
     if method in ("exact", "sinkhorn"):
         tx, ty = _convert_pair(x, y, names, dtype=torch.float64, check_finite=True)
-        return _exact(tx, ty, opts) if method == "exact" else _sinkhorn(tx, ty, opts)
-    tx, ty = _convert_pair(x, y, names, dtype=opts["dtype"], check_finite=False)
-    dtype = tx.dtype
-    if method == "paired":
-        if tx.shape[0] != ty.shape[0]:
-            raise ICSValueError(
-                f"method='paired' matches row i of `{names[0]}` with row i of `{names[1]}` "
-                f"and needs the same number of samples, got {tx.shape[0]} and "
-                f"{ty.shape[0]}; use method='exact' for unpaired samples"
-            )
-        norms = torch.linalg.vector_norm(tx - ty, dim=1)
-        total = norms.sum()
-        if not bool(torch.isfinite(total)):
-            _raise_non_finite([(tx, names[0]), (ty, names[1])], "row differences", dtype)
-        info = _base_log("paired", tx, ty)
-        info["dtype"] = _dtype_name(dtype)
-        return float(total) / tx.shape[0], info
-    directions_t = None
-    if method != "per_coordinate":
-        directions_t = _directions(tx.shape[1], n_projections, seed, tx.device, dtype).T
-    return _batched_group(method, [tx], [ty], [names], dtype, directions_t, seed)[0]
+    else:
+        tx, ty = _convert_pair(x, y, names, dtype=opts["dtype"], check_finite=False)
+    if method == "paired" and tx.shape[0] != ty.shape[0]:
+        raise ICSValueError(
+            f"method='paired' matches row i of `{names[0]}` with row i of `{names[1]}` "
+            f"and needs the same number of samples, got {tx.shape[0]} and "
+            f"{ty.shape[0]}; use method='exact' for unpaired samples"
+        )
+    return _kernel(method, tx, ty, opts, n_projections, seed, names)
 
 
 # ------------------------------------------------------------------ public API
@@ -844,11 +886,9 @@ def wasserstein(
     >>> wasserstein(x, y, "per_coordinate")
     array([3., 4.])
     """
-    method = _check_method(method)
-    log = _check_bool(log, "log")
-    opts = _parse_options(method, options, log)
-    n_projections = _check_int(n_projections, "n_projections", 1)
-    seed = _check_seed(seed)
+    method, log, opts, n_projections, seed = _checked_call(
+        method, log, options, n_projections, seed
+    )
     value, info = _single(x, y, ("x", "y"), method, opts, n_projections, seed)
     return (value, info) if log else value
 
@@ -902,11 +942,9 @@ def wasserstein_many(
     ...                                                       n_projections=8)
     (True, True)
     """
-    method = _check_method(method)
-    log = _check_bool(log, "log")
-    opts = _parse_options(method, options, log)
-    n_projections = _check_int(n_projections, "n_projections", 1)
-    seed = _check_seed(seed)
+    method, log, opts, n_projections, seed = _checked_call(
+        method, log, options, n_projections, seed
+    )
 
     is_mapping = isinstance(pairs, Mapping)
     if is_mapping:
@@ -931,38 +969,17 @@ def wasserstein_many(
             raise ICSTypeError(f"`{label}` must be an (x, y) pair, got {type(item).__name__}")
         names.append((f"{label}[0]", f"{label}[1]"))
 
-    results: list[tuple[Value, dict[str, Any]] | None] = [None] * len(items)
     if method in _BATCHED:
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        converted: list[tuple[torch.Tensor, torch.Tensor, torch.dtype]] = []
-        for i, (x, y) in enumerate(items):
-            tx, ty = _convert_pair(x, y, names[i], dtype=None, check_finite=False)
-            dtype = opts["dtype"] or tx.dtype
-            converted.append((tx, ty, dtype))
-            key = (tx.shape[0], ty.shape[0], tx.shape[1], tx.device, dtype)
-            groups.setdefault(key, []).append(i)
-        directions: dict[tuple[Any, ...], torch.Tensor] = {}  # shared by equal widths
-        for (_, _, d, device, dtype), idx in groups.items():
-            directions_t = None
-            if method != "per_coordinate":
-                dkey = (d, device, dtype)
-                if dkey not in directions:
-                    directions[dkey] = _directions(d, n_projections, seed, device, dtype).T
-                directions_t = directions[dkey]
-            out = _batched_group(
-                method,
-                [converted[i][0] for i in idx],
-                [converted[i][1] for i in idx],
-                [names[i] for i in idx],
-                dtype,
-                directions_t,
-                seed,
-            )
-            for i, res in zip(idx, out, strict=True):
-                results[i] = res
+        converted = [
+            _convert_pair(x, y, names[i], dtype=None, check_finite=False)
+            for i, (x, y) in enumerate(items)
+        ]
+        results = _many(method, converted, names, opts, n_projections, seed)
     else:
-        for i, (x, y) in enumerate(items):
-            results[i] = _single(x, y, names[i], method, opts, n_projections, seed)
+        results = [
+            _single(x, y, names[i], method, opts, n_projections, seed)
+            for i, (x, y) in enumerate(items)
+        ]
 
     values = [r[0] for r in results]  # type: ignore[index]
     logs = [r[1] for r in results]  # type: ignore[index]
@@ -1025,11 +1042,9 @@ def sampling_floor(
     >>> 0.0 < floor < wasserstein(x, x + 10.0, "exact")
     True
     """
-    method = _check_method(method)
-    log = _check_bool(log, "log")
-    opts = _parse_options(method, options, log)
-    n_projections = _check_int(n_projections, "n_projections", 1)
-    seed = _check_seed(seed)
+    method, log, opts, n_projections, seed = _checked_call(
+        method, log, options, n_projections, seed
+    )
     t = as_samples(x, "x", dtype=None, check_finite=False, min_samples=2)
     n = t.shape[0]
     if n < 4:
@@ -1037,11 +1052,7 @@ def sampling_floor(
             f"`x` has {n} samples; sampling_floor splits it into two halves of at least "
             "2 samples each, so it needs at least 4"
         )
-    gen = torch.Generator(device=t.device)
-    gen.manual_seed(seed)
-    perm = torch.randperm(n, generator=gen, device=t.device)
-    half = n // 2
-    first, second = t[perm[:half]], t[perm[half : 2 * half]]
+    first, second = _halves(t, seed)
     value, info = _single(first, second, ("x", "x"), method, opts, n_projections, seed)
-    info["half_size"] = half
+    info["half_size"] = n // 2
     return (value, info) if log else value

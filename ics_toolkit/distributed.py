@@ -48,12 +48,13 @@ import dataclasses
 import datetime
 import math
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ics_toolkit import _checks
 from ics_toolkit.errors import ICSError, ICSTypeError, ICSUsageError, ICSValueError
 
 __all__ = [
@@ -163,10 +164,11 @@ def context(
         raise ICSValueError(f"`rank` must be a non-negative int (the measuring rank), got {rank!r}")
     if not isinstance(gather, bool):
         raise ICSTypeError(f"`gather` must be a bool, got {type(gather).__name__}")
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
         raise ICSValueError(
             f"`gather_timeout` must be a positive number of seconds, got {timeout!r}"
         )
+    _checks.positive_number(timeout, "gather_timeout", unit=" of seconds")
     if not _initialized():
         if group is not None:
             raise ICSUsageError(
@@ -233,28 +235,25 @@ def shard(probe: Any, rank: int | None = None, world_size: int | None = None) ->
             world_size = dist.get_world_size() if world_size is None else world_size
         else:
             rank, world_size = rank or 0, world_size or 1
-    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int)):
-        raise ICSValueError(f"`world_size` must be a positive int, got {world_size!r}")
+    world_size = _checks.positive_int(world_size, "world_size")
+    if not isinstance(rank, int):
+        raise ICSValueError(f"`rank` must be an int, got {rank!r}")
     if not 0 <= rank < world_size:
         raise ICSValueError(f"`rank`={rank} is not in 0..{world_size - 1}")
 
-    def part(obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
-            n = obj.shape[0]
-            if n < world_size:
-                raise ICSValueError(
-                    f"the probe has {n} sample(s), fewer than the {world_size} ranks to share it"
-                )
-            base, extra = divmod(n, world_size)
-            start = rank * base + min(rank, extra)
-            return obj[start : start + base + (1 if rank < extra else 0)]
-        if isinstance(obj, tuple):
-            return tuple(part(o) for o in obj)
-        if isinstance(obj, Mapping):
-            return {k: part(v) for k, v in obj.items()}
-        return obj
+    from ics_toolkit._probe import map_probe
 
-    return part(probe)
+    def part(t: torch.Tensor) -> torch.Tensor:
+        n = t.shape[0]
+        if n < world_size:
+            raise ICSValueError(
+                f"the probe has {n} sample(s), fewer than the {world_size} ranks to share it"
+            )
+        base, extra = divmod(n, world_size)
+        start = rank * base + min(rank, extra)
+        return t[start : start + base + (1 if rank < extra else 0)]
+
+    return map_probe(probe, part)
 
 
 # ------------------------------------------------------------------ the exchange

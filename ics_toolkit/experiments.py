@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from ics_toolkit import _checks
+from ics_toolkit._vocab import DEFAULT_METHODS, quantity_kind
 from ics_toolkit.errors import ICSValueError
 
 if TYPE_CHECKING:
@@ -199,21 +201,11 @@ def parse_methods(methods: str | Sequence[str], argument: str = "`methods`") -> 
     >>> parse_methods("exact,sliced")
     ('exact', 'sliced')
     """
-    from ics_toolkit.distances import METHODS
-
-    names = _split(methods)
-    bad = [m for m in names if m not in METHODS]
-    if bad or not names:
-        raise ICSValueError(
-            f"{argument}: unknown method(s) {bad or names}; choose from {', '.join(METHODS)}"
-        )
-    return tuple(dict.fromkeys(names))
+    return _checks.methods(_split(methods), argument)
 
 
 def _positive_int(value: Any, argument: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ICSValueError(f"{argument} must be a positive int, got {value!r}")
-    return int(value)
+    return _checks.positive_int(value, argument)
 
 
 def _device(device: str | torch.device, argument: str = "`device`") -> torch.device:
@@ -359,7 +351,7 @@ def run_main(
     norms: str | Sequence[str] = DEFAULT_NORMS,
     steps: int | None = None,
     probe_size: int | None = None,
-    methods: str | Sequence[str] = ("exact", "max_sliced", "sliced"),
+    methods: str | Sequence[str] = DEFAULT_METHODS,
     every: int | str | None = None,
     views: str | Sequence[str] = ("flatten",),
     device: str = "cpu",
@@ -462,18 +454,12 @@ def run_main(
     from ics_toolkit.results import load_results
     from ics_toolkit.schedules import as_schedule
     from ics_toolkit.train import train
-    from ics_toolkit.views import VIEWS
 
     start = time.perf_counter()
     q = int(bool(quick))
     variants = parse_norms(norms)
     methods = parse_methods(methods)
-    views = tuple(_split(views))
-    bad_views = [v for v in views if v not in VIEWS]
-    if bad_views or not views:
-        raise ICSValueError(
-            f"`views`: unknown view(s) {bad_views or views}; choose from {', '.join(VIEWS)}"
-        )
+    views = _checks.views(_split(views), "views")
     if model not in MODELS:
         raise ICSValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
     steps = _positive_int(steps if steps is not None else _MAIN_DEFAULTS["steps"][q], "`steps`")
@@ -693,7 +679,6 @@ def draw_results(
 
 # ---------------------------------------------------------------------- the sweep
 _SWEEP_DEFAULTS = {"noises": ((0.0, 0.1, 0.3, 1.0), (0.0, 0.3)), "n": (512, 64)}
-_KIND = {"exact": "estimate", "rho": "stat"}
 
 
 def _bn(z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -774,7 +759,7 @@ def _sweep_point(
                 d_eff = max(float(d), float((x * x).sum(1).mean()), float((y * y).sum(1).mean()))
                 values["rho"] = float((x * y).sum(1).mean()) / d_eff
             for quantity, value in values.items():
-                kind = _KIND.get(quantity, "lower" if quantity.startswith("L") else "upper")
+                kind = "stat" if quantity == "rho" else quantity_kind(quantity)
                 rows.append(
                     {
                         "variant": variant,

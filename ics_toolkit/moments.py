@@ -42,21 +42,37 @@ def moment_drift(x: ArrayLike, y: ArrayLike) -> dict[str, float]:
     (1.0, 3.0)
     """
     tx, ty = as_pair(x, y)
+    return _drift(tx, ty)
 
-    def moments(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        mu = t.mean(dim=0)
-        var, m4 = torch.empty_like(mu), torch.empty_like(mu)
-        # column blocks of ~2 MiB: wide layers never need a second (n, d) temporary
-        width = max(1, _BLOCK_VALUES // t.shape[0])
-        for lo in range(0, t.shape[1], width):
-            c2 = (t[:, lo : lo + width] - mu[lo : lo + width]).square_()
-            var[lo : lo + width] = c2.mean(dim=0)
-            m4[lo : lo + width] = c2.square_().mean(dim=0)
-        norms = torch.linalg.vector_norm(t, dim=1)
-        return mu, var, m4, norms.var(unbiased=False)
 
-    mx, vx, kx, nx = moments(tx)
-    my, vy, ky, ny = moments(ty)
+def _column_moments(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-column mean, biased variance and central fourth moment of a checked (n, d) tensor."""
+    mu = t.mean(dim=0)
+    var, m4 = torch.empty_like(mu), torch.empty_like(mu)
+    # column blocks of ~2 MiB: wide layers never need a second (n, d) temporary
+    width = max(1, _BLOCK_VALUES // t.shape[0])
+    for lo in range(0, t.shape[1], width):
+        c2 = (t[:, lo : lo + width] - mu[lo : lo + width]).square_()
+        var[lo : lo + width] = c2.mean(dim=0)
+        m4[lo : lo + width] = c2.square_().mean(dim=0)
+    return mu, var, m4
+
+
+def _drift(
+    tx: torch.Tensor,
+    ty: torch.Tensor,
+    moments: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None,
+    row_norms: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """The drifts of checked float64 samples (the kernel behind :func:`moment_drift`).
+
+    ``moments`` ((mean, var, m4) of each side) and ``row_norms`` reuse what a caller
+    computed already.
+    """
+    (mx, vx, kx), (my, vy, ky) = moments or (_column_moments(tx), _column_moments(ty))
+    if row_norms is None:
+        row_norms = (torch.linalg.vector_norm(tx, dim=1), torch.linalg.vector_norm(ty, dim=1))
+    nx, ny = (r.var(unbiased=False) for r in row_norms)
     return {
         "drift_mean": float(torch.linalg.vector_norm(mx - my)),
         "drift_var": float(torch.linalg.vector_norm(vx - vy)),

@@ -27,7 +27,6 @@ steps cost one counter increment and one schedule call.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 import warnings
@@ -37,12 +36,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ics_toolkit import distributed
-from ics_toolkit._selection import is_norm
+from ics_toolkit import _checks, _exchange, _probe, _vocab, distributed
+from ics_toolkit._gradient_rows import gradient_rows
+from ics_toolkit._memory import WORKING_COPIES, memory_plan
+from ics_toolkit._norm_snapshot import bound_layer
 from ics_toolkit.bounding import RTOL
-from ics_toolkit.distances import METHODS
 from ics_toolkit.errors import (
-    ICSError,
     ICSRuntimeWarning,
     ICSTypeError,
     ICSUsageError,
@@ -52,59 +51,12 @@ from ics_toolkit.errors import (
 from ics_toolkit.recording import Recorder
 from ics_toolkit.results import ResultWriter, _frame
 from ics_toolkit.schedules import as_schedule
-from ics_toolkit.shift import MeasureConfig, StepCapture, _event, measure_step, norm_snapshot
-from ics_toolkit.sketch import SketchTransform, chunk_bytes
-from ics_toolkit.views import VIEWS
+from ics_toolkit.shift import MeasureConfig, StepCapture, _event, measure_step
+from ics_toolkit.sketch import SketchTransform
 
 __all__ = ["WORKING_COPIES", "ICSMonitor"]
 
-#: Transient working memory of the estimators at a measured step, in float64 copies of
-#: one layer's largest view matrix (``ICSMonitor.memory_per_layer``'s ``bytes_working``):
-#: ``exact`` centres both samples and recomputes near-diagonal differences, the
-#: bounds difference the samples and sort every column for L3, the moments square the
-#: centred samples, the order check takes absolute values. Measured with
-#: ``benchmarks/scale.py`` (n = 256, d = 32768, CPU resident high-water mark): 1.5
-#: (``paired`` alone) to 5.5 (``exact``, or the bounds) copies on top of the held
-#: captures and views; U3 / U5 layers use 2 more (their float64 normalized values).
-WORKING_COPIES = 6
-
 Probe = Any  # Tensor | tuple | dict | torch.utils.data.DataLoader
-
-
-def _draw_probe(loader: Any, size: int, seed: int) -> tuple[Any, Any]:
-    """A fixed, seeded probe from a DataLoader's dataset, without touching any global RNG.
-
-    Iterating the loader would draw its shuffle order from the global RNG (and so
-    shift the training run); indexing its dataset with a private generator does not.
-    """
-    dataset = loader.dataset
-    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-        raise ICSTypeError(
-            "`probe` is a DataLoader over an iterable-style dataset; pass a fixed probe "
-            "batch (a tensor, tuple or dict) instead"
-        )
-    n = len(dataset)
-    if n < 2:
-        raise ICSValueError(f"`probe` DataLoader's dataset has {n} sample(s); need at least 2")
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(n, generator=gen)[: min(size, n)].sort().values.tolist()
-    collate = loader.collate_fn or torch.utils.data.default_collate
-    batch = collate([dataset[i] for i in idx])
-    if isinstance(batch, list | tuple) and len(batch) >= 2:
-        return batch[0], batch[1]  # (inputs, targets) datasets
-    return batch, None
-
-
-def _to_device(obj: Any, device: torch.device | None) -> Any:
-    if device is None:
-        return obj
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to_device(o, device) for o in obj)
-    if isinstance(obj, Mapping):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
 
 
 class ICSMonitor:
@@ -262,7 +214,7 @@ class ICSMonitor:
         *,
         layers: Any = "norm",
         every: int | Iterable[int] | Callable[[int], bool] | str = 10,
-        methods: Sequence[str] = ("exact", "max_sliced", "sliced"),
+        methods: Sequence[str] = _vocab.DEFAULT_METHODS,
         views: Sequence[str] = ("flatten",),
         where: str = "output",
         bounds: bool = True,
@@ -292,27 +244,26 @@ class ICSMonitor:
             raise ICSTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.schedule = as_schedule(every)
-        methods = (methods,) if isinstance(methods, str) else tuple(methods)
-        views = (views,) if isinstance(views, str) else tuple(views)
-        bad = [m for m in methods if m not in METHODS]
-        if bad or not methods:
-            raise ICSValueError(
-                f"unknown method(s) {bad} in `methods`; choose from {', '.join(METHODS)}"
-            )
-        bad = [v for v in views if v not in VIEWS]
-        if bad or not views:
-            raise ICSValueError(f"unknown view(s) {bad} in `views`; choose from {', '.join(VIEWS)}")
-        if where not in ("output", "input", "both"):
-            raise ICSValueError(f"`where` must be 'output', 'input' or 'both', got {where!r}")
-        for name, value in (("n_projections", n_projections), ("probe_size", probe_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ICSValueError(f"`{name}` must be a positive int, got {value!r}")
+        # the boundary: every option is checked here, once (MeasureConfig checks its own)
+        self.config = MeasureConfig(
+            methods=methods,
+            views=views,
+            floor=floor,
+            bounds=bounds,
+            moments=moments,
+            n_projections=n_projections,
+            seed=seed,
+            max_pixel_samples=max_pixel_samples,
+            rtol=rtol,
+            method_options=method_options or {},
+        )
+        methods, views = self.config.methods, self.config.views
+        where = _checks.choice(where, "where", _vocab.WHERE)
+        probe_size = _checks.positive_int(probe_size, "probe_size")
         if sketch is not None:
-            if not isinstance(sketch, int) or isinstance(sketch, bool) or sketch < 1:
-                raise ICSValueError(
-                    f"`sketch` must be None or a positive int (the sketch dimension k), "
-                    f"got {sketch!r}"
-                )
+            _checks.positive_int(
+                sketch, "sketch", allow_none=True, hint=" (the sketch dimension k)"
+            )
             if views != ("flatten",):
                 raise ICSValueError(
                     f"`sketch` stores a projection of the flatten view only, so it cannot "
@@ -339,28 +290,16 @@ class ICSMonitor:
         # SyncBatchNorm normalizes with the statistics of every shard: one rank cannot
         # recompute its normalized values, so it gets no U3
         self._local_stats = not (self._dist.distributed and mode != "eval")
-        self.config = MeasureConfig(
-            methods=methods,
-            views=views,
-            floor=_floor_methods(floor, methods),
-            bounds=bool(bounds),
-            moments=bool(moments),
-            n_projections=n_projections,
-            seed=seed,
-            max_pixel_samples=max_pixel_samples,
-            rtol=rtol,
-            method_options=dict(method_options or {}),
-        )
         self.where = where
 
         device = next((p.device for p in model.parameters()), None)
         self._device = device
         if isinstance(probe, torch.utils.data.DataLoader):
-            probe, loader_targets = _draw_probe(probe, probe_size, seed)
-            probe = _to_device(probe, device)
+            probe, loader_targets = _probe.draw_probe(probe, probe_size, seed)
+            probe = _probe.to_device(probe, device)
             targets = loader_targets if targets is None else targets
         self.probe = probe
-        self.targets = _to_device(targets, device) if targets is not None else None
+        self.targets = _probe.to_device(targets, device) if targets is not None else None
         self.gradient = bool(gradient)
         self.loss_fn = loss_fn
         if self.gradient and (loss_fn is None or self.targets is None):
@@ -377,11 +316,11 @@ class ICSMonitor:
             model, layers, sites, dtype=capture_dtype, mode=mode, seed=seed, device="model"
         )
         if sketch is not None:
-            axes = {t.name: t.axes[0] for t in self.recorder._targets()}
+            axes = {name: axes[0] for name, _, axes in self.recorder.selected()}
             self.recorder.transform = SketchTransform(sketch, seed, axes)
         self._train_mode = mode
         if self._dist.captures:
-            self._check_probe()
+            _probe.check_probe(self.recorder, self.probe)
 
         self.writer = (
             ResultWriter(path, format=format, run=run)
@@ -398,26 +337,6 @@ class ICSMonitor:
         self.update_count = 0
         self._current: int | None = None  # step index between before_step and after_step
         self._pending: dict[str, Any] | None = None  # the cached capture at step t
-
-    # ------------------------------------------------------------------ setup checks
-    def _check_probe(self) -> None:
-        """Run the probe once (side-effect free) so that a probe that does not fit fails now."""
-        try:
-            table = self.recorder.dry_run(self.probe)
-        except ICSError:
-            raise
-        except Exception as err:
-            raise ICSValueError(
-                f"the probe does not fit the model: its forward pass raised "
-                f"{type(err).__name__}: {err}. Pass probe inputs the model accepts "
-                "(a tensor, a tuple of positional arguments or a dict of keyword arguments)"
-            ) from err
-        missing = table.loc[table["calls"] == 0, "name"].tolist()
-        if missing:
-            raise ICSValueError(
-                f"selected layer(s) {missing} never ran in the forward pass of the probe; "
-                "choose other `layers` or check the model's forward"
-            )
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -492,7 +411,9 @@ class ICSMonitor:
                 raise
             # the other ranks will wait for this one at the end of the step: take part
             # with a failed status instead of leaving them hanging
-            self._warn_failure(f"step {self._current}: the probe pass before the step", err)
+            _exchange.warn_failure(
+                self, f"step {self._current}: the probe pass before the step", err
+            )
             self._pending = {"failed": True}
             return
         # parameter copies: the gradient ICS needs them, and so does the detection of a
@@ -521,7 +442,7 @@ class ICSMonitor:
         if pending is None:
             return
         if self._dist.exchanges:
-            self._after_gather(step, pending)
+            _exchange.after_gather(self, step, pending)
             return
         if self._skipped(pending):
             self._record_skip(step, stacklevel=3)
@@ -541,7 +462,19 @@ class ICSMonitor:
         keys = [k for k in before.tensors if self._measured(k)]
         rows = measure_step(step, before, after, self.config, keys)
         if self.gradient:
-            rows.extend(self._gradient_rows(step, pending["params"]))
+            rows.extend(
+                gradient_rows(
+                    step,
+                    self.model,
+                    self.recorder.runner,
+                    self.loss_fn,  # type: ignore[arg-type]
+                    self.probe,
+                    self.targets,
+                    pending["params"],
+                    mode=self._train_mode,
+                    seed=self.config.seed,
+                )
+            )
         rows.append(  # everything the monitor spent on this step, both probe passes included
             {
                 **_event(step, None, "measure_time_s", ""),
@@ -571,10 +504,10 @@ class ICSMonitor:
         message = f"step {step} not measured: {reason}"
         if self._dist.exchanges:
             message = f"step {step} not measured: rank {self._dist.rank}: {reason}"
-            result = self._exchange(step, distributed.ABORTED, None, None)
+            result = _exchange.exchange(self, step, distributed.ABORTED, None, None)
             if result is None:
                 return
-            others = _rank_report(result.statuses, exclude=self._dist.rank)
+            others = _exchange.rank_report(result.statuses, exclude=self._dist.rank)
             if others:
                 message += f"; {others}"
         if self._dist.measures:
@@ -671,82 +604,7 @@ class ICSMonitor:
         >>> mon.memory_per_layer()[["layer", "stored_shape", "bytes_per_capture"]].values.tolist()
         [['1', (32, 64), 8192]]
         """
-        import pandas as pd
-
-        quiet = Recorder(self.model, self.recorder.layers, self.recorder.where, mode="eval")
-        table = quiet.dry_run(self.probe)
-        targets = {t.name: t for t in self.recorder._targets()}
-        itemsize = torch.empty((), dtype=self.recorder.dtype).element_size()
-        shapes = {(row.name, row.site): tuple(row.shape) for row in table.itertuples()}
-        device = str(self._device) if self._device is not None else "cpu"
-        rows = []
-        for row in table.itertuples():
-            for call in range(1, int(row.calls) + 1):
-                key = row.name + (f"#{call}" if call > 1 else "")
-                key += ":input" if row.site == "input" else ""
-                if not self._measured(key):
-                    continue
-                module = targets[row.name].module
-                shape = tuple(row.shape)
-                batch = targets[row.name].axes[0] % len(shape)
-                n = shape[batch]
-                dim = math.prod(shape) // n
-                sketched = self.sketch is not None and dim > self.sketch
-                stored = (n, self.sketch) if sketched else shape
-                stored_bytes = math.prod(stored) * itemsize
-                extra = 0
-                if row.site == "output" and self._snapshots(module):
-                    in_shape = shapes.get((row.name, "input"), shape)
-                    extra = math.prod(in_shape) * itemsize  # x_hat, storage dtype
-                rows.append(
-                    {
-                        "layer": key,
-                        "site": row.site,
-                        "device": device,
-                        "dtype": str(self.recorder.dtype).removeprefix("torch."),
-                        "shape": shape,
-                        "stored_shape": stored,
-                        "dim": dim,
-                        "sketch": self.sketch if sketched else None,
-                        "bytes_per_capture": stored_bytes + extra,
-                        "bytes_held": 2 * (stored_bytes + extra),
-                    }
-                )
-                analysis, largest = self._analysis_bytes(
-                    stored, 0 if sketched else batch, targets[row.name].axes[1]
-                )
-                working = (WORKING_COPIES + (2 if extra else 0)) * largest
-                if sketched:  # the hook's transient chunks (not at the same time)
-                    source = torch.empty((), dtype=self._source_dtype()).element_size()
-                    working = max(working, chunk_bytes(n, dim, device, max(source, 4)))
-                rows[-1].update(
-                    bytes_analysis=analysis,
-                    bytes_working=working,
-                    bytes_peak=rows[-1]["bytes_held"] + analysis + working,
-                )
-        frame = pd.DataFrame(rows)
-        frame["sketch"] = frame["sketch"].astype("Int64")
-        return frame
-
-    def _source_dtype(self) -> torch.dtype:
-        return next((p.dtype for p in self.model.parameters()), torch.float32)
-
-    def _analysis_bytes(self, stored: tuple[int, ...], batch: int, channel: int) -> tuple[int, int]:
-        """float64 sample matrices of every view of one layer (both sides), and the largest."""
-        numel = math.prod(stored)
-        n = stored[batch]
-        total = largest = 0
-        for name in self.config.views:
-            if name == "flatten" or len(stored) == 1:
-                rows, width = n, numel // n
-            else:  # pixel / channel: one row per (input, position), C columns
-                width = stored[channel % len(stored)]
-                rows = numel // width
-            if name == "pixel":
-                rows = min(rows, self.config.max_pixel_samples)
-            total += 2 * rows * width * 8
-            largest = max(largest, rows * width * 8)
-        return total, largest
+        return memory_plan(self)
 
     def reset(self) -> None:
         """Forget the rows kept in memory and the step count (files on disk are kept)."""
@@ -778,93 +636,22 @@ class ICSMonitor:
         return (
             self.config.bounds
             and self.sketch is None
-            and _bound_layer(module)
+            and bound_layer(module)
             and (self._local_stats or not isinstance(module, nn.SyncBatchNorm))
         )
 
     def _capture(self) -> StepCapture:
-        tensors = self.recorder.run(self.probe)
-        info = self.recorder.info
-        norms = {}
-        training = self._train_mode == "train"
-        for key, inf in info.items():
-            if not key.endswith(":input") or not self._snapshots(inf.module):
-                continue
-            out_key = key[: -len(":input")]
-            if self._train_mode == "keep":
-                training = inf.module.training
-            snap = norm_snapshot(inf.module, tensors[key], training=training)
-            if snap is not None:
-                norms[out_key] = snap
-        for key in [k for k in tensors if k.endswith(":input") and not self._measured(k)]:
-            del tensors[key]  # captured only for the normalized values
-        sketched = {}
-        if self.sketch is not None:
-            for key, inf in info.items():
-                if key in tensors and inf.shape != inf.source_shape:
-                    sketched[key] = math.prod(inf.source_shape) // inf.shape[0]
-        return StepCapture(tensors=tensors, info=info, norms=norms, sketched=sketched)
-
-    # ------------------------------------------------------------------ distributed
-    def _warn_failure(self, what: str, err: BaseException) -> None:
-        warnings.warn(
-            f"{what} failed on rank {self._dist.rank} ({type(err).__name__}: {err}); the step "
-            "is not measured, training goes on",
-            ICSRuntimeWarning,
-            stacklevel=4,
+        """One probe pass with the norm snapshots (:func:`ics_toolkit._probe.capture`)."""
+        return _probe.capture(
+            self.recorder,
+            self.probe,
+            mode=self._train_mode,
+            snapshots=self._snapshots,
+            measured=self._measured,
+            sketch=self.sketch,
         )
 
-    def _exchange(
-        self,
-        step: int,
-        status: int,
-        before: StepCapture | None,
-        after: StepCapture | None,
-    ) -> distributed.Exchange | None:
-        """One gather; None (after recording it) when the collectives failed."""
-        try:
-            return distributed.exchange(
-                self._dist, step, status, before, after, device=self._device
-            )
-        except distributed.CommFailure as err:
-            self._dist_broken = True
-            message = (
-                f"{err}. A rank died or stopped calling the optimizer step; "
-                "the monitor stops gathering for the rest of the run"
-            )
-            warnings.warn(message, ICSRuntimeWarning, stacklevel=4)
-            if self._dist.measures:
-                self._emit([_event(step, None, "gather_failed", message)])
-            return None
-
-    def _after_gather(self, step: int, pending: Mapping[str, Any]) -> None:
-        start = time.perf_counter()
-        status, after = distributed.OK, None
-        if pending.get("failed"):
-            status = distributed.FAILED
-        elif self._skipped(pending):
-            status = distributed.SKIPPED
-        else:
-            try:
-                after = self._capture()
-            except Exception as err:
-                self._warn_failure(f"step {step}: the probe pass after the step", err)
-                status = distributed.FAILED
-        before = pending.get("capture") if status == distributed.OK else None
-        result = self._exchange(step, status, before, after)
-        del before, after
-        if result is None or not self._dist.measures:
-            return
-        statuses = result.statuses
-        if all(s == distributed.SKIPPED for s in statuses):
-            self._record_skip(step, stacklevel=4)
-            return
-        if any(s != distributed.OK for s in statuses):
-            message = f"step {step} not measured: {_rank_report(statuses)}"
-            self._emit([_event(step, None, "aborted", message)])
-            return
-        self._measure(step, pending, result.before, result.after, start)
-
+    # ------------------------------------------------------------------ skipped steps
     def _record_skip(self, step: int, stacklevel: int) -> None:
         """A step that changed no parameter: an event row, never a measured shift of zero."""
         msg = (
@@ -883,42 +670,6 @@ class ICSMonitor:
             return False
         return all(torch.equal(v, p.detach()) for v, p in zip(values, self._params, strict=True))
 
-    def _gradient_rows(self, step: int, before: Mapping[str, torch.Tensor]) -> list[dict]:
-        from ics_toolkit.gradient_shift import gradient_ics
-
-        start = time.perf_counter()
-        try:
-            out = gradient_ics(
-                self.recorder._runner,
-                self.loss_fn,  # type: ignore[arg-type]
-                self.probe,
-                self.targets,
-                {k.removeprefix("module."): v for k, v in before.items()}
-                if self.recorder._runner is not self.model
-                else before,
-                mode=self._train_mode if self._train_mode != "keep" else "train",
-                seed=self.config.seed,
-            )
-        except ICSError as err:
-            return [_event(step, None, "gradient_failed", str(err))]
-        seconds = (time.perf_counter() - start) / max(len(out), 1)
-        rows = []
-        for layer, values in out.items():
-            for q, v in values.items():
-                rows.append(
-                    {
-                        "step": step,
-                        "layer": layer,
-                        "view": "param",
-                        "quantity": q,
-                        "value": v,
-                        "kind": "gradient",
-                        "wall_time_s": seconds / len(values),
-                        "seed": self.config.seed,
-                    }
-                )
-        return rows
-
     def _emit(self, rows: list[dict[str, Any]]) -> None:
         self._rows.extend(rows)
         self._frame_cache = None
@@ -926,45 +677,8 @@ class ICSMonitor:
             self.writer.write(rows)
 
 
-def _floor_methods(floor: bool | Sequence[str], methods: tuple[str, ...]) -> tuple[str, ...]:
-    if floor is True:
-        return tuple(m for m in methods if m != "paired")[:1]
-    if floor is False or floor is None:
-        return ()
-    chosen = (floor,) if isinstance(floor, str) else tuple(floor)
-    bad = [m for m in chosen if m not in methods or m == "paired"]
-    if bad:
-        raise ICSValueError(
-            f"`floor` names {bad}, which are not among `methods` {list(methods)} or have no "
-            "floor (paired needs paired rows); pass True, False or a subset of `methods`"
-        )
-    return chosen
-
-
 def _has_sync_bn(model: nn.Module) -> bool:
     return any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
-
-
-def _rank_report(statuses: Sequence[int], exclude: int | None = None) -> str:
-    """'rank 1 aborted its step; rank 2 failed to capture' for the ranks not OK."""
-    words = {
-        distributed.SKIPPED: "skipped its step (no parameter changed)",
-        distributed.ABORTED: "aborted its step",
-        distributed.FAILED: "failed to capture the probe (see its warning)",
-    }
-    return "; ".join(
-        f"rank {r} {words[s]}"
-        for r, s in enumerate(statuses)
-        if s != distributed.OK and r != exclude and s in words
-    )
-
-
-def _bound_layer(module: nn.Module) -> bool:
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    return isinstance(module, _BatchNorm) or (
-        is_norm(module) and type(module).__name__.startswith("Unitization")
-    )
 
 
 def _fused(optimizer: torch.optim.Optimizer | None) -> bool:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from ics_toolkit import _checks
 from ics_toolkit.errors import ICSValueError
 from ics_toolkit.report import (
     NORM_BOUNDS,
@@ -138,10 +139,7 @@ def _panels(
     if grid is not None:
         nrows, ncols_ = grid
     else:
-        if ncols is not None and (
-            isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1
-        ):
-            raise ICSValueError(f"`ncols` must be a positive int, got {ncols!r}")
+        ncols = _checks.positive_int(ncols, "ncols", allow_none=True)
         ncols_ = min(n, ncols or 3)
         nrows = math.ceil(n / ncols_)
     fig = _new_figure(panel[0] * ncols_ + 0.4, panel[1] * nrows + 0.9)
@@ -150,11 +148,6 @@ def _panels(
     for ax in flat[n:]:
         ax.remove()
     return fig, flat[:n], True
-
-
-def _check_choice(value: str, choices: Sequence[str], argument: str) -> None:
-    if value not in choices:
-        raise ICSValueError(f"`{argument}` must be one of {list(choices)}, got {value!r}")
 
 
 def _subset(
@@ -287,7 +280,7 @@ def plot_ics(
         A required column is missing, or the table has no ``quantity`` for ``view``,
         or ``run`` / ``layers`` name something absent.
     """
-    _check_choice(yscale, _YSCALES, "yscale")
+    _checks.choice(yscale, "yscale", _YSCALES)
     band = _band(df, quantity, view)
     runs = order_runs(band["run"])
     runs = _subset(runs, run, "run") if run is not None else runs
@@ -419,7 +412,7 @@ def plot_compare(
         A required column is missing, nothing matches ``quantity`` / ``view``, or
         ``runs`` / ``layers`` name something absent.
     """
-    _check_choice(yscale, _YSCALES, "yscale")
+    _checks.choice(yscale, "yscale", _YSCALES)
     band = _band(df, quantity, view)
     run_names = _subset(order_runs(band["run"]), runs, "runs")
     layer_names = _subset(order_layers(band["layer"]), layers, "layers")

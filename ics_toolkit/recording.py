@@ -626,6 +626,18 @@ class Recorder:
         return [t.name for t in self._targets()]
 
     @property
+    def runner(self) -> nn.Module:
+        """The module a probe pass calls: ``model`` without DDP / ``torch.compile`` wrappers."""
+        return self._runner
+
+    def selected(self) -> list[tuple[str, nn.Module, tuple[int, int]]]:
+        """The selected layers in model order: ``(name, module, (batch_axis, channel_axis))``.
+
+        The axes are those a capture uses (inferred, or from ``axes``); no pass is run.
+        """
+        return [(t.name, t.module, tuple(t.axes)) for t in self._targets()]  # type: ignore[misc]
+
+    @property
     def info(self) -> dict[str, CaptureInfo]:
         """Metadata of the last :meth:`run`, keyed like its result."""
         return dict(self._info)

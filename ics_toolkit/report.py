@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ics_toolkit import _vocab
 from ics_toolkit.bounding import LOWER_BOUNDS, UPPER_BOUNDS
 from ics_toolkit.errors import ICSValueError
 
@@ -46,14 +47,7 @@ __all__ = [
 ]
 
 #: ICS estimators, in the order reports show them (``wasserstein`` methods).
-ESTIMATORS: tuple[str, ...] = (
-    "exact",
-    "paired",
-    "sinkhorn",
-    "max_sliced",
-    "sliced",
-    "per_coordinate",
-)
+ESTIMATORS: tuple[str, ...] = _vocab.ESTIMATORS
 
 #: Normalization kinds, in the order reports and plots list variants; other run names
 #: follow in order of appearance. A variant ``"unitization=1"`` sorts with its kind.
@@ -61,7 +55,7 @@ RUN_ORDER: tuple[str, ...] = ("batch", "unitization", "group", "layer", "none")
 
 #: The normalization layers' own upper bounds (U3 BatchNorm, U4 unitized, U5 the
 #: authors' layer): unlike U1 / U2 they do not follow the measured displacement.
-NORM_BOUNDS: tuple[str, ...] = ("U3", "U4", "U5")
+NORM_BOUNDS: tuple[str, ...] = _vocab.NORM_BOUNDS
 
 _REQUIRED = ("step", "layer", "view", "quantity", "value")
 

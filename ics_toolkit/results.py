@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from ics_toolkit import _vocab
 from ics_toolkit.errors import ICSValueError
 
 __all__ = ["COLUMNS", "KINDS", "ResultWriter", "load_results", "to_wide"]
@@ -47,7 +48,7 @@ COLUMNS: dict[str, str] = {
 }
 
 #: Values of the ``kind`` column.
-KINDS = ("estimate", "lower", "upper", "floor", "drift", "gradient", "event")
+KINDS = _vocab.KINDS
 
 _PART = re.compile(r"^part-.+\.(csv|parquet)$")
 

@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from ics_toolkit import _checks
 from ics_toolkit.errors import ICSTypeError, ICSValueError
 
 __all__ = ["Schedule", "as_schedule", "explicit", "linear", "logarithmic"]
@@ -31,8 +32,7 @@ class linear:  # lower case: reads as a function at the call site, like logarith
     offset: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.every, int) or self.every < 1:
-            raise ICSValueError(f"`every` must be a positive integer, got {self.every!r}")
+        _checks.positive_int(self.every, "every")
 
     def __call__(self, step: int) -> bool:
         """Whether ``step`` is measured."""

@@ -19,30 +19,56 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
-from ics_toolkit._arrays import checked_finite
-from ics_toolkit.bounding import RTOL, NormState, bounds, check_order
-from ics_toolkit.distances import sampling_floor, wasserstein, wasserstein_many
-from ics_toolkit.errors import ICSError, ICSWarning
-from ics_toolkit.moments import moment_drift
+from ics_toolkit import _checks, _vocab
+from ics_toolkit._norm_snapshot import NormSnapshot, norm_pair, norm_snapshot
+from ics_toolkit.bounding import RTOL, _bounds, check_order
+from ics_toolkit.distances import _halves, _kernel, _many, _parse_options
+from ics_toolkit.errors import ICSError, ICSValueError, ICSWarning
+from ics_toolkit.moments import _drift
 from ics_toolkit.recording import CaptureInfo
 from ics_toolkit.sketch import jl_scale, no_autocast
 from ics_toolkit.views import view
 
 __all__ = ["MeasureConfig", "NormSnapshot", "StepCapture", "measure_step", "norm_snapshot"]
 
-#: Methods computed fused over all layers by ``wasserstein_many``.
-_BATCHED = ("sliced", "max_sliced", "per_coordinate")
-
 
 @dataclass(frozen=True)
 class MeasureConfig:
-    """What to compute at a measured step (see :class:`ics_toolkit.ICSMonitor`)."""
+    """What to compute at a measured step (see :class:`ics_toolkit.ICSMonitor`).
 
-    methods: tuple[str, ...] = ("exact", "max_sliced", "sliced")
+    Built once where the user hands the options over (the monitor's constructor, the
+    CLI) and checked there: building it validates and normalizes every field (names
+    against :mod:`ics_toolkit._vocab`, ``floor=True`` to the first method with a
+    floor, each method's options parsed to their full form). Below it the measured
+    step calls the engine's kernels without checking again.
+
+    Parameters
+    ----------
+    methods : sequence of str
+        W1 methods of the ``flatten`` and ``pixel`` views.
+    views : sequence of str
+        Views of every layer.
+    floor : bool or sequence of str
+        Methods whose sampling floor is reported (True: the first of ``methods``
+        that has one).
+    bounds, moments : bool
+        Evaluate the bounds / the moment drift.
+    n_projections : int
+        Random directions of the sliced methods and L3.
+    seed : int
+        Seed of every random choice.
+    max_pixel_samples : int
+        Row cap of the ``pixel`` view.
+    rtol : float
+        Tolerance of the bound checks.
+    method_options : mapping
+        Extra options per method, e.g. ``{"sinkhorn": {"reg": 0.05}}``.
+    """
+
+    methods: tuple[str, ...] = _vocab.DEFAULT_METHODS
     views: tuple[str, ...] = ("flatten",)
-    floor: tuple[str, ...] = ("exact",)  # methods whose sampling floor is reported
+    floor: Any = ("exact",)  # methods whose sampling floor is reported
     bounds: bool = True
     moments: bool = True
     n_projections: int = 128
@@ -50,23 +76,57 @@ class MeasureConfig:
     max_pixel_samples: int = 1024
     rtol: float = RTOL
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: every method's options in full (defaults filled in, checked); set when built
+    options: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__
+        methods = _checks.methods(self.methods)
+        put(self, "methods", methods)
+        put(self, "views", _checks.views(self.views))
+        put(self, "floor", _floor_methods(self.floor, methods))
+        put(self, "bounds", bool(self.bounds))
+        put(self, "moments", bool(self.moments))
+        put(self, "n_projections", _checks.positive_int(self.n_projections, "n_projections"))
+        put(self, "seed", _checks.seed(self.seed))
+        put(
+            self,
+            "max_pixel_samples",
+            _checks.positive_int(self.max_pixel_samples, "max_pixel_samples"),
+        )
+        put(self, "rtol", _checks.positive_number(self.rtol, "rtol"))
+        given = dict(self.method_options or {})
+        bad = [m for m in given if m not in _vocab.METHODS]
+        if bad:
+            raise ICSValueError(
+                f"`method_options` names unknown method(s) {bad}; use names of "
+                f"{', '.join(_vocab.METHODS)}"
+            )
+        put(self, "method_options", given)
+        options = {}
+        for method in dict.fromkeys((*methods, *sorted(_vocab.BATCHED_METHODS))):
+            opts = dict(given.get(method, {}))
+            if method in ("exact", "sinkhorn"):
+                opts.setdefault("on_failure", "flag")  # a failed solve is a flagged row
+            options[method] = _parse_options(method, opts, log=True)
+        put(self, "options", options)
 
 
-@dataclass
-class NormSnapshot:
-    """A BatchNorm / Unitization layer's internals at one capture.
-
-    ``x_hat`` has the layer's input shape (N, C, *spatial); the per-channel vectors
-    have shape (C,) and are float64 copies taken at capture time.
-    """
-
-    x_hat: torch.Tensor
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-    alpha: torch.Tensor | None
-    k: float
-    eps: float
-    form: str
+def _floor_methods(floor: Any, methods: tuple[str, ...]) -> tuple[str, ...]:
+    if floor is True:
+        return tuple(m for m in methods if m not in _vocab.FLOORLESS)[:1]
+    if floor is False or floor is None:
+        return ()
+    chosen = (floor,) if isinstance(floor, str) else tuple(floor)
+    bad = [m for m in chosen if m not in methods or m in _vocab.FLOORLESS]
+    if bad:
+        raise ICSValueError(
+            f"`floor` names {bad}, which are not among `methods` {list(methods)} or have no "
+            "floor (paired needs paired rows); pass True, False or a subset of `methods`"
+        )
+    return chosen
 
 
 @dataclass
@@ -82,98 +142,6 @@ class StepCapture:
     info: dict[str, CaptureInfo]
     norms: dict[str, NormSnapshot] = field(default_factory=dict)
     sketched: dict[str, int] = field(default_factory=dict)
-
-
-def _vector(p: torch.Tensor | None) -> torch.Tensor | None:
-    return None if p is None else p.detach().to(torch.float64).clone()
-
-
-def norm_snapshot(module: nn.Module, x: torch.Tensor, *, training: bool) -> NormSnapshot | None:
-    """Recompute what a BatchNorm / Unitization layer normalized on its input ``x``.
-
-    ``training`` is the mode the capture pass ran the layer in (batch statistics when
-    True). Returns None for other layers. No side effects on ``module``.
-    """
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    from ics_toolkit.nn import Unitization, normalized
-
-    if not isinstance(module, _BatchNorm | Unitization):
-        return None
-    was = module.training
-    try:
-        module.training = training  # normalized() picks batch or running statistics by it
-        # in the storage dtype: x_hat is stored in it anyway, and float64 here would
-        # double the cost of a measured step's norm layers for digits nobody keeps; but
-        # never below float32: batch statistics in bfloat16 / float16 are badly wrong
-        low = x.dtype in (torch.float16, torch.bfloat16)
-        with no_autocast(x.device):
-            out = normalized(module, x, dtype=torch.float32 if low else None)
-    finally:
-        module.training = was
-    if low:
-        out = out._replace(x_hat=out.x_hat.to(x.dtype))
-    unit = isinstance(module, Unitization)
-    return NormSnapshot(
-        x_hat=out.x_hat,
-        weight=_vector(module.weight),
-        bias=_vector(module.bias),
-        alpha=_vector(out.alpha) if unit else None,
-        k=float(out.k),
-        eps=float(module.eps),
-        form="embedded" if unit else "batchnorm",
-    )
-
-
-def _param_rows(p: torch.Tensor | None, shape: Sequence[int], name: str) -> Any:
-    """A per-channel (C,) vector laid out like one row of the view of a (1, C, *spatial) tensor."""
-    if p is None:
-        return None
-    full = p.reshape((1, -1) + (1,) * (len(shape) - 2)).expand((1, *shape[1:]))
-    return view(full, name, (0, 1))[0] if name == "flatten" else p
-
-
-def _norm_states(
-    a: NormSnapshot, b: NormSnapshot, name: str, opts: dict
-) -> tuple[NormState, NormState]:
-    """NormStates for one view of a layer, rows aligned with the view of its output."""
-    states = []
-    shape = tuple(a.x_hat.shape)
-    for snap in (a, b):
-        x_hat = view(snap.x_hat.to(torch.float64), name, (0, 1), **opts)
-        s = None
-        if snap.form != "batchnorm" and name == "pixel":
-            # each pixel row belongs to an image, and the layer divided by the image's norm
-            n = snap.x_hat.shape[0]
-            norms = snap.x_hat.to(torch.float64).reshape(n, -1).norm(dim=1)
-            s_img = torch.sqrt(norms**2 / snap.k**2 + snap.eps)
-            s_full = s_img.reshape((n, 1) + (1,) * (len(shape) - 2)).expand((n, 1, *shape[2:]))
-            s = view(s_full, "pixel", (0, 1), **opts)[:, 0]
-        states.append(
-            NormState(
-                x_hat=x_hat,
-                weight=_param_rows(snap.weight, shape, name),
-                bias=_param_rows(snap.bias, shape, name),
-                alpha=_param_rows(snap.alpha, shape, name),
-                k=snap.k,
-                eps=snap.eps,
-                form=snap.form,  # type: ignore[arg-type]
-                s=s,
-            )
-        )
-    return states[0], states[1]
-
-
-def _kind(quantity: str) -> str:
-    if quantity.startswith("floor_"):
-        return "floor"
-    if quantity.startswith("drift_"):
-        return "drift"
-    if quantity in ("L1", "L2", "L3"):
-        return "lower"
-    if quantity in ("U1", "U2", "U3", "U4", "U5"):
-        return "upper"
-    return "estimate"
 
 
 def measure_step(
@@ -235,8 +203,9 @@ def _measure_step(
     for key in keys:
         x, y = before.tensors[key], after.tensors[key]
         info = before.info[key]
-        if not (_all_finite(x) and _all_finite(y)):
-            side = "before" if not _all_finite(x) else "after"
+        x_ok, y_ok = _all_finite(x), _all_finite(y)
+        if not (x_ok and y_ok):
+            side = "before" if not x_ok else "after"
             msg = (
                 f"step {step}: layer {key!r} produced NaN or Inf on the probe ({side} the "
                 "update); it is not measured at this step, the other layers are"
@@ -254,8 +223,8 @@ def _measure_step(
             xv = view(x, name, info, **opts).to(torch.float64)
             yv = view(y, name, info, **opts).to(torch.float64)
             groups[(key, name)] = {"x": xv, "y": yv, "opts": opts, "rows": []}
-    with checked_finite():  # every tensor was scanned for NaN / Inf above
-        _measure_groups(step, groups, before, after, config)
+    # every tensor was scanned for NaN / Inf above: from here on the engine's kernels
+    _measure_groups(step, groups, before, after, config)
     for (key, name), g in groups.items():
         n, d = int(g["x"].shape[0]), int(g["x"].shape[1])
         label = "sketch" if key in before.sketched else name
@@ -274,38 +243,35 @@ def _measure_groups(
     config: MeasureConfig,
 ) -> None:
     """Fill ``groups[...]["rows"]``: estimators, floors, bounds, drift and the check."""
+    batched = _vocab.BATCHED_METHODS
     for (_, name), g in groups.items():
         methods = ("per_coordinate",) if name == "channel" else config.methods
-        g["methods"] = [m for m in methods if m not in _BATCHED]
-        g["batched"] = [m for m in methods if m in _BATCHED]
+        g["methods"] = [m for m in methods if m not in batched]
+        g["batched"] = [m for m in methods if m in batched]
 
     # the fused path: one call per kernel over every (layer, view); sliced and max_sliced
     # are the mean and the max of the same per-direction distances, so they share a call
     for kernel in ("sliced", "per_coordinate"):
         wanted = ("sliced", "max_sliced") if kernel == "sliced" else (kernel,)
-        pairs = {
-            gk: (g["x"], g["y"])
-            for gk, g in groups.items()
-            if any(m in g["batched"] for m in wanted)
-        }
-        if not pairs:
+        chosen = [gk for gk, g in groups.items() if any(m in g["batched"] for m in wanted)]
+        if not chosen:
             continue
         start = time.perf_counter()
-        values, logs = wasserstein_many(
-            pairs,
+        out = _many(
             kernel,
-            n_projections=config.n_projections,
-            seed=config.seed,
-            log=True,
-            **config.method_options.get(kernel, {}),
+            [(groups[gk]["x"], groups[gk]["y"]) for gk in chosen],
+            [(f"{gk[0]} before", f"{gk[0]} after") for gk in chosen],
+            config.options[kernel],
+            config.n_projections,
+            config.seed,
         )
-        seconds = (time.perf_counter() - start) / len(pairs)
-        for gk, value in values.items():
+        seconds = (time.perf_counter() - start) / len(chosen)
+        for gk, (value, log) in zip(chosen, out, strict=True):
             g = groups[gk]
             if kernel == "per_coordinate":
                 _estimate_rows(g, kernel, value, seconds, config)
                 continue
-            per_direction = logs[gk]["per_direction"]
+            per_direction = log["per_direction"]
             methods = [m for m in wanted if m in g["batched"]]
             for method in methods:  # one computation: its time is shared between the rows
                 v = value if method == "sliced" else float(per_direction.max())
@@ -313,14 +279,16 @@ def _measure_groups(
 
     for g in groups.values():
         for method in g["methods"]:
-            opts = dict(config.method_options.get(method, {}))
-            if method in ("exact", "sinkhorn"):
-                opts.setdefault("on_failure", "flag")
-            if method in ("sliced", "max_sliced"):
-                opts.update(n_projections=config.n_projections, seed=config.seed)
             start = time.perf_counter()
             try:
-                value, log = wasserstein(g["x"], g["y"], method, log=True, **opts)
+                value, log = _kernel(
+                    method,
+                    g["x"],
+                    g["y"],
+                    config.options[method],
+                    config.n_projections,
+                    config.seed,
+                )
             except ICSError as err:  # e.g. a problem too large for the exact solver
                 g["rows"].append(_row("estimate", method, math.nan, warning=str(err)))
                 continue
@@ -343,28 +311,39 @@ def _measure_groups(
             if name == "channel":
                 floored = ["per_coordinate"]
             for method in floored:
-                opts = dict(config.method_options.get(method, {}))
-                if method in ("sliced", "max_sliced"):
-                    opts.update(n_projections=config.n_projections)
-                start = time.perf_counter()
-                try:
-                    value = sampling_floor(x, method, seed=config.seed, **opts)
-                except ICSError as err:
-                    g["rows"].append(_row("floor", f"floor_{method}", math.nan, warning=str(err)))
-                    continue
-                if method == "per_coordinate":
-                    value = float(torch.as_tensor(value).mean())
-                seconds = time.perf_counter() - start
-                g["rows"].append(_row("floor", f"floor_{method}", value, wall_time_s=seconds))
+                g["rows"].append(_floor_row(x, method, config))
         if config.bounds and name != "channel":
             g["rows"].extend(_bound_rows(key, name, g, before, after, config))
         if config.moments and name != "channel" and width is None:
             start = time.perf_counter()
-            drift = moment_drift(x, y)
+            drift = _drift(x, y)
             seconds = time.perf_counter() - start
             for q, v in drift.items():
                 g["rows"].append(_row("drift", q, v, wall_time_s=seconds / len(drift)))
         _check_group(step, key, name, g, config)
+
+
+def _floor_row(x: torch.Tensor, method: str, config: MeasureConfig) -> dict[str, Any]:
+    """The sampling floor of ``method`` on the checked float64 sample ``x``."""
+    start = time.perf_counter()
+    if x.shape[0] < 4:
+        message = (
+            f"the floor splits the {x.shape[0]} probe samples into two halves of at "
+            "least 2 samples each, so it needs at least 4"
+        )
+        return _row("floor", f"floor_{method}", math.nan, warning=message)
+    first, second = _halves(x, config.seed)
+    opts = config.options[method]
+    try:
+        value, log = _kernel(method, first, second, opts, config.n_projections, config.seed)
+    except ICSError as err:
+        return _row("floor", f"floor_{method}", math.nan, warning=str(err))
+    if log.get("status") not in (None, "optimal", "converged"):
+        message = f"{method} solver status {log.get('status')} on the halves: floor not W1"
+        return _row("floor", f"floor_{method}", math.nan, warning=message)
+    if method == "per_coordinate":
+        value = float(torch.as_tensor(value).mean())
+    return _row("floor", f"floor_{method}", value, wall_time_s=time.perf_counter() - start)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -421,19 +400,16 @@ def _bound_rows(
     after: StepCapture,
     config: MeasureConfig,
 ) -> list[dict[str, Any]]:
-    states: tuple[NormState, NormState] | tuple[None, None] = (None, None)
     a, b = before.norms.get(key), after.norms.get(key)
-    if a is not None and b is not None:
-        states = _norm_states(a, b, name, g["opts"])
+    norms = norm_pair(a, b, name, g["opts"]) if a is not None and b is not None else None
     have_max_sliced = "max_sliced" in g["batched"]
     start = time.perf_counter()
-    values = bounds(
+    values = _bounds(
         g["x"],
         g["y"],
-        before=states[0],
-        after=states[1],
-        n_projections=0 if have_max_sliced else config.n_projections,
-        seed=config.seed,
+        norms,
+        0 if have_max_sliced else config.n_projections,
+        config.seed,
     )
     seconds = time.perf_counter() - start
     if have_max_sliced:  # L3 tries the max_sliced directions too: reuse, don't recompute
@@ -441,7 +417,7 @@ def _bound_rows(
         values["L3"] = max(values["L3"], max_sliced)
     return [
         _row(
-            _kind(q),
+            _vocab.quantity_kind(q),
             q,
             v,
             wall_time_s=seconds / len(values),

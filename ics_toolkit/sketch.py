@@ -48,6 +48,7 @@ import zlib
 
 import torch
 
+from ics_toolkit import _checks
 from ics_toolkit._arrays import ArrayLike, as_samples
 from ics_toolkit.errors import ICSTypeError, ICSValueError
 
@@ -107,8 +108,7 @@ def padded_dim(d: int) -> int:
     >>> padded_dim(3072), padded_dim(4096)
     (4096, 4096)
     """
-    if not isinstance(d, int) or isinstance(d, bool) or d < 1:
-        raise ICSValueError(f"`d` must be a positive int, got {d!r}")
+    d = _checks.positive_int(d, "d")
     return 1 << (d - 1).bit_length()
 
 
@@ -334,8 +334,7 @@ class SketchTransform:
     """
 
     def __init__(self, k: int, seed: int = 0, batch_axes: dict[str, int] | None = None) -> None:
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ICSValueError(f"`sketch` (k) must be a positive int, got {k!r}")
+        k = _checks.positive_int(k, "`sketch` (k)")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ICSTypeError(f"`seed` must be an int, got {type(seed).__name__}")
         self.k, self.seed = k, seed

@@ -27,12 +27,13 @@ from typing import Any
 
 import torch
 
+from ics_toolkit import _checks, _vocab
 from ics_toolkit._arrays import ArrayLike, to_tensor
 from ics_toolkit.errors import ICSTypeError, ICSValueError
 
 __all__ = ["VIEWS", "channel", "flatten", "pixel", "view"]
 
-VIEWS = ("flatten", "pixel", "channel")
+VIEWS = _vocab.VIEWS
 
 
 def _check(t: ArrayLike) -> torch.Tensor:
@@ -139,8 +140,7 @@ def pixel(
     rows = _rows(_check(t), batch_axis, channel_axis)
     if max_samples is None:
         return rows
-    if not isinstance(max_samples, int) or isinstance(max_samples, bool) or max_samples < 1:
-        raise ICSValueError(f"`max_samples` must be a positive int or None, got {max_samples!r}")
+    max_samples = _checks.positive_int(max_samples, "max_samples", allow_none=True)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ICSTypeError(f"`seed` must be an int, got {type(seed).__name__}")
     n = rows.shape[0]

@@ -507,7 +507,7 @@ def test_non_numeric_input_is_a_type_error():
         ({"method": "sliced", "seed": -1}, ICSValueError, "`seed` must be >= 0"),
         ({"method": "sliced", "seed": True}, ICSTypeError, "`seed` must be an integer"),
         ({"method": "sliced", "dtype": torch.int32}, ICSTypeError, "`dtype` must be a floating"),
-        ({"method": "sinkhorn", "reg": 0}, ICSValueError, "`reg` must be a finite number > 0"),
+        ({"method": "sinkhorn", "reg": 0}, ICSValueError, "`reg` must be a positive number"),
         ({"method": "exact", "numItermax": 0}, ICSValueError, "`numItermax` must be >= 1"),
         ({"method": "exact", "on_failure": "ignore"}, ICSValueError, "`on_failure` must be"),
         ({"method": "exact", "memory_limit": -1}, ICSValueError, "`memory_limit` must be"),

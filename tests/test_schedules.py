@@ -30,7 +30,7 @@ def test_as_schedule_accepts_every_form():
 @pytest.mark.parametrize(
     ("bad", "err", "match"),
     [
-        (0, ICSValueError, "positive integer"),
+        (0, ICSValueError, "positive int"),
         (True, ICSTypeError, "must be an int"),
         ("every:3", ICSValueError, "log:END"),
         ("log:x", ICSValueError, "integers"),

@@ -274,5 +274,5 @@ def test_sketch_options_are_checked():
     probe = torch.randn(8, 1, 8, 8)
     with pytest.raises(ics.ICSValueError, match=r"`sketch` stores a projection of the flatten"):
         ics.ICSMonitor(model, probe, sketch=16, views=("flatten", "pixel"))
-    with pytest.raises(ics.ICSValueError, match="`sketch` must be None or a positive int"):
+    with pytest.raises(ics.ICSValueError, match="`sketch` must be a positive int or None"):
         ics.ICSMonitor(model, probe, sketch=0)

@@ -1,0 +1,121 @@
+"""Memory plan of a monitor: bytes held, analysed and worked on per captured layer.
+
+:func:`memory_plan` is the body of :meth:`ics_toolkit.ICSMonitor.memory_per_layer`
+(see there for the columns): one counting-only probe pass gives each layer's shape,
+the sizes follow from the capture dtype, the sketch, the views and the bounds.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ics_toolkit.recording import Recorder
+from ics_toolkit.sketch import chunk_bytes
+
+if TYPE_CHECKING:
+    from ics_toolkit.monitor import ICSMonitor
+
+__all__ = ["WORKING_COPIES", "analysis_bytes", "memory_plan"]
+
+#: Transient working memory of the estimators at a measured step, in float64 copies of
+#: one layer's largest view matrix (``ICSMonitor.memory_per_layer``'s ``bytes_working``):
+#: ``exact`` centres both samples and recomputes near-diagonal differences, the
+#: bounds difference the samples and sort every column for L3, the moments square the
+#: centred samples, the order check takes absolute values. Measured with
+#: ``benchmarks/scale.py`` (n = 256, d = 32768, CPU resident high-water mark): 1.5
+#: (``paired`` alone) to 5.5 (``exact``, or the bounds) copies on top of the held
+#: captures and views; U3 / U5 layers use 2 more (their float64 normalized values).
+WORKING_COPIES = 6
+
+
+def analysis_bytes(
+    views: tuple[str, ...],
+    max_pixel_samples: int,
+    stored: tuple[int, ...],
+    batch: int,
+    channel: int,
+) -> tuple[int, int]:
+    """float64 sample matrices of every view of one layer (both sides), and the largest."""
+    numel = math.prod(stored)
+    n = stored[batch]
+    total = largest = 0
+    for name in views:
+        if name == "flatten" or len(stored) == 1:
+            rows, width = n, numel // n
+        else:  # pixel / channel: one row per (input, position), C columns
+            width = stored[channel % len(stored)]
+            rows = numel // width
+        if name == "pixel":
+            rows = min(rows, max_pixel_samples)
+        total += 2 * rows * width * 8
+        largest = max(largest, rows * width * 8)
+    return total, largest
+
+
+def memory_plan(monitor: ICSMonitor) -> Any:
+    """The table of :meth:`ics_toolkit.ICSMonitor.memory_per_layer`."""
+    import pandas as pd
+
+    recorder = monitor.recorder
+    quiet = Recorder(monitor.model, recorder.layers, recorder.where, mode="eval")
+    table = quiet.dry_run(monitor.probe)
+    targets = {name: (module, axes) for name, module, axes in recorder.selected()}
+    itemsize = torch.empty((), dtype=recorder.dtype).element_size()
+    shapes = {(row.name, row.site): tuple(row.shape) for row in table.itertuples()}
+    device = str(monitor._device) if monitor._device is not None else "cpu"
+    sketch = monitor.sketch
+    config = monitor.config
+    rows = []
+    for row in table.itertuples():
+        module, axes = targets[row.name]
+        for call in range(1, int(row.calls) + 1):
+            key = row.name + (f"#{call}" if call > 1 else "")
+            key += ":input" if row.site == "input" else ""
+            if not monitor._measured(key):
+                continue
+            shape = tuple(row.shape)
+            batch = axes[0] % len(shape)
+            n = shape[batch]
+            dim = math.prod(shape) // n
+            sketched = sketch is not None and dim > sketch
+            stored = (n, sketch) if sketched else shape
+            stored_bytes = math.prod(stored) * itemsize
+            extra = 0
+            if row.site == "output" and monitor._snapshots(module):
+                in_shape = shapes.get((row.name, "input"), shape)
+                extra = math.prod(in_shape) * itemsize  # x_hat, storage dtype
+            held = 2 * (stored_bytes + extra)
+            analysis, largest = analysis_bytes(
+                config.views, config.max_pixel_samples, stored, 0 if sketched else batch, axes[1]
+            )
+            working = (WORKING_COPIES + (2 if extra else 0)) * largest
+            if sketched:  # the hook's transient chunks (not at the same time)
+                source = torch.empty((), dtype=_source_dtype(monitor.model)).element_size()
+                working = max(working, chunk_bytes(n, dim, device, max(source, 4)))
+            rows.append(
+                {
+                    "layer": key,
+                    "site": row.site,
+                    "device": device,
+                    "dtype": str(recorder.dtype).removeprefix("torch."),
+                    "shape": shape,
+                    "stored_shape": stored,
+                    "dim": dim,
+                    "sketch": sketch if sketched else None,
+                    "bytes_per_capture": stored_bytes + extra,
+                    "bytes_held": held,
+                    "bytes_analysis": analysis,
+                    "bytes_working": working,
+                    "bytes_peak": held + analysis + working,
+                }
+            )
+    frame = pd.DataFrame(rows)
+    frame["sketch"] = frame["sketch"].astype("Int64")
+    return frame
+
+
+def _source_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters()), torch.float32)
