@@ -58,6 +58,7 @@ __all__ = [
     "guard_after_step",
     "guard_before_step",
     "isolated_rng",
+    "user_stacklevel",
 ]
 
 #: The values of ``ICSMonitor(on_error=...)``.
@@ -142,7 +143,7 @@ class Failures:
                 "`monitor.errors` and recorded as 'error' rows, not warned again; pass "
                 "on_error='raise' to debug",
                 ICSRuntimeWarning,
-                stacklevel=_user_stacklevel(),
+                stacklevel=user_stacklevel(),
             )
 
 
@@ -179,7 +180,7 @@ def _codes_of(fn: Any) -> set[CodeType]:
     return codes
 
 
-def _user_stacklevel() -> int:
+def user_stacklevel() -> int:
     """The stacklevel of the first frame outside ics_toolkit, torch.optim and torch.amp."""
     frame, level = sys._getframe(1), 1
     while frame is not None and (

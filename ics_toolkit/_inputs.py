@@ -47,6 +47,7 @@ def check_arguments(
     flags: Mapping[str, Any],
     rtol: Any,
     run: Any,
+    capture_dtype: Any,
 ) -> None:
     """Check the arguments that need no model pass (raises on the first bad one)."""
     if probe is None:
@@ -74,6 +75,11 @@ def check_arguments(
         raise ICSValueError(f"`rtol` must be a finite number >= 0, got {rtol!r}")
     if run is not None and not isinstance(run, str):
         raise ICSTypeError(f"`run` must be None or a str (the run's label), got {run!r}")
+    if not isinstance(capture_dtype, torch.dtype) or not capture_dtype.is_floating_point:
+        raise ICSTypeError(
+            f"`capture_dtype` must be a floating torch.dtype (e.g. torch.float32, the storage "
+            f"of captured activations), got {capture_dtype!r}"
+        )
     if loss_fn is not None and not callable(loss_fn):
         raise ICSTypeError(
             f"`loss_fn` must be callable as loss_fn(model(probe), targets) -> scalar tensor, "
@@ -103,6 +109,11 @@ def _check_every(every: Any) -> None:
     if bad:
         raise ICSTypeError(
             f"`every` lists the steps to measure, which must be ints; got {bad[:3]!r}"
+        )
+    negative = [s for s in steps if s < 0]
+    if negative:
+        raise ICSValueError(
+            f"`every` lists the steps to measure, which are indices >= 0; got {negative[:3]!r}"
         )
     if not steps:
         raise ICSValueError(

@@ -327,6 +327,7 @@ class ICSMonitor:
             flags={"bounds": bounds, "moments": moments, "gradient": gradient},
             rtol=rtol,
             run=run,
+            capture_dtype=capture_dtype,
         )
         # --- end fail-safe
         self.model = model
@@ -965,7 +966,7 @@ class ICSMonitor:
             f"step {step}: the optimizer step changed no parameter (a GradScaler skip on "
             "inf/NaN gradients, or a gradient-accumulation micro-step); nothing measured"
         )
-        warnings.warn(msg, ICSRuntimeWarning, stacklevel=stacklevel)
+        warnings.warn(msg, ICSRuntimeWarning, stacklevel=_failsafe.user_stacklevel())
         self._emit([_event(step, None, "skipped_step", msg)])
 
     def _skipped(self, pending: Mapping[str, Any]) -> bool:
