@@ -13,7 +13,8 @@ ICS, writing results) inside the user's ``optimizer.step()``. With
 - close the open step consistently (the step is counted once, not measured), so the
   optimizer step itself runs exactly once, whatever failed before or after it;
 - record an event row (``quantity="error"``, ``kind="event"``, the message in
-  ``warning``, the running count of that kind of failure in ``value``);
+  ``warning``, the running count of that kind of failure in ``value``) for each of
+  the first :data:`ROW_LIMIT` failures of a kind, then for every :data:`ROW_EVERY`-th;
 - warn with :class:`~ics_toolkit.errors.ICSRuntimeWarning` the first time a kind of
   failure (where it happened and the exception type) occurs, then only count it
   (``ICSMonitor.errors``, shown by ``repr``).
@@ -63,6 +64,11 @@ __all__ = [
 
 #: The values of ``ICSMonitor(on_error=...)``.
 ON_ERROR: tuple[str, ...] = ("warn", "raise")
+
+#: ``error`` rows kept per kind of failure before only every ``ROW_EVERY``-th is: a
+#: schedule that raises at every step of a long run must not fill the memory.
+ROW_LIMIT = 100
+ROW_EVERY = 100
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 _SKIPPED_FILES = (
@@ -131,12 +137,13 @@ class Failures:
             f"{at}: {phase} failed {when} ({type(err).__name__}: {err}); the step is not "
             "measured, the model and the random states are as they were and training goes on"
         )
-        row = {**_event(step if step is not None else -1, None, "error", message)}
-        row["value"] = float(count)  # how many failures of this kind so far
-        try:
-            monitor._emit([row])
-        except Exception:  # e.g. the writer's folder is gone: the row stays in memory
-            pass
+        if count <= ROW_LIMIT or count % ROW_EVERY == 0:
+            row = {**_event(step if step is not None else -1, None, "error", message)}
+            row["value"] = float(count)  # how many failures of this kind so far
+            try:
+                monitor._emit([row])
+            except Exception:  # e.g. the writer's folder is gone: the row stays in memory
+                pass
         if count == 1:
             warnings.warn(
                 f"{message}. Further failures of this kind are counted in "
@@ -172,8 +179,8 @@ def _phase(err: BaseException, monitor: Any) -> str:
 
 def _codes_of(fn: Any) -> set[CodeType]:
     codes = set()
-    call = type(fn).__dict__.get("__call__") if fn is not None else None
-    for obj in (fn, getattr(fn, "__func__", None), call):
+    calls = [vars(cls).get("__call__") for cls in type(fn).__mro__ if cls is not object]
+    for obj in (fn, getattr(fn, "__func__", None), *calls):
         code = getattr(obj, "__code__", None)
         if isinstance(code, CodeType):
             codes.add(code)
@@ -222,6 +229,11 @@ def guard_before_step(fn: Callable[..., None]) -> Callable[..., None]:
             if self._current is None:
                 self._current = self.step_count if step is None else step
             self._pending = None
+            dist = getattr(self, "_dist", None)
+            if dist is not None and dist.exchanges and _phase(err, self) != "the schedule":
+                # take part in the step's gather with a failed status (as a failed probe
+                # pass does), so that the other ranks are not left waiting for this one
+                self._pending = {"failed": True}
             if self._failures.on_error == "raise":
                 raise
             self._failures.handle(self, err, self._current, "before the optimizer step")

@@ -222,7 +222,8 @@ class ICSMonitor:
         never breaks or changes training. The model, its buffers and flags and every
         RNG are left as they were, the optimizer step runs exactly once, the step is
         not measured and an event row (``quantity="error"``, the message in
-        ``warning``, the count of that kind of failure in ``value``) is recorded; an
+        ``warning``, the count of that kind of failure in ``value``) is recorded (for
+        the first 100 failures of a kind, then every 100th); an
         :class:`~ics_toolkit.errors.ICSRuntimeWarning` is issued the first time a kind
         of failure occurs, later ones are only counted (:attr:`errors`, ``repr``).
         ``"raise"``: the exception propagates (for debugging). ``KeyboardInterrupt``

@@ -75,7 +75,7 @@ def probe():
 def train(model, steps, monitor=None, how="attach"):
     """A loop that also uses Python's random and numpy's global RNG; returns the final RNGs."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    if monitor is not None and how == "attach":
+    if monitor is not None and how in ("attach", "both"):
         monitor.attach(opt)
     torch.manual_seed(3)
     random.seed(4)
@@ -84,7 +84,7 @@ def train(model, steps, monitor=None, how="attach"):
         opt.zero_grad()
         scale = 1.0 + random.random() + float(np.random.rand())  # noqa: NPY002
         (scale * nn.functional.cross_entropy(model(x), y)).backward()
-        if monitor is not None and how == "step":
+        if monitor is not None and how in ("step", "both"):  # both: the hooks defer
             with monitor.step():
                 opt.step()
         else:
@@ -173,7 +173,7 @@ def build(tmp_path, **kwargs):
     return model, monitor
 
 
-@pytest.mark.parametrize("how", ["attach", "step"])
+@pytest.mark.parametrize("how", ["attach", "step", "both"])
 @pytest.mark.parametrize("failure", sorted(FAILURES))
 def test_a_failing_monitor_leaves_training_bitwise_unchanged(
     failure, how, reference, tmp_path, monkeypatch
@@ -202,6 +202,45 @@ def test_a_failing_monitor_leaves_training_bitwise_unchanged(
     if failure != "writer":
         on_disk = ics.load_results(tmp_path / "ics")
         assert (on_disk.quantity == "error").sum() == count
+
+
+class EveryOther:
+    """A schedule object whose call raises on odd steps."""
+
+    def __call__(self, step):
+        if step % 2:
+            raise LookupError(f"no entry for step {step}")
+        return True
+
+
+def test_a_schedule_object_that_raises_is_named_as_the_schedule(tmp_path):
+    model, monitor = build(tmp_path)
+    monitor.schedule = EveryOther()
+    with pytest.warns(ics.ICSRuntimeWarning, match="the schedule failed before the optimizer"):
+        train(model, 4, monitor, how="both")
+    assert monitor.errors == {"the schedule: LookupError": 2}
+    df = monitor.results()
+    assert not (df.quantity == "aborted").any() and monitor.update_count == 2
+
+
+def test_a_failure_at_every_step_is_counted_with_bounded_rows():
+    from ics_toolkit import _failsafe
+
+    def schedule(step):
+        raise LookupError(f"no entry for step {step}")
+
+    monitor = ics.ICSMonitor(make_model(), probe()[0], every=1, methods=("paired",))
+    monitor.schedule = schedule
+    count = _failsafe.ROW_LIMIT + 2 * _failsafe.ROW_EVERY + 5
+    with pytest.warns(ics.ICSRuntimeWarning, match="no entry for step 0") as record:
+        for _ in range(count):
+            with monitor.step():
+                pass
+    assert len(record) == 1 and monitor.step_count == count
+    assert monitor.errors == {"the schedule: LookupError": count}
+    values = monitor.results().query("quantity == 'error'").value.tolist()
+    every = _failsafe.ROW_EVERY
+    assert values == [*range(1, _failsafe.ROW_LIMIT + 1), *range(2 * every, count + 1, every)]
 
 
 def test_the_other_steps_are_still_measured_after_a_failure(tmp_path):
