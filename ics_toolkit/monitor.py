@@ -679,7 +679,8 @@ class ICSMonitor:
         """Context manager around one optimizer step: ``with monitor.step(): opt.step()``.
 
         If the block raises, the step is recorded as ``aborted`` and the exception
-        propagates unchanged.
+        propagates unchanged. With :meth:`attach` too, the optimizer hooks defer to
+        this step (``with monitor.step(): scaler.step(optimizer)`` is measured once).
         """
         self.before_step(step)
         try:
