@@ -334,6 +334,19 @@ def test_interrupts_propagate_after_restoring_state(interrupt, tmp_path):
     assert monitor.update_count == 1
 
 
+def test_the_construction_checks_are_side_effect_free():
+    model = make_model()
+    x, y = probe()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()  # noqa: NPY002
+    ics.ICSMonitor(model, x, gradient=True, loss_fn=nn.functional.cross_entropy, targets=y)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(m.training for m in model.modules())
+    assert torch.equal(rng[0], torch.get_rng_state())
+    assert np.array_equal(rng[1], np.random.get_state()[1]) and rng[2] == random.getstate()  # noqa: NPY002
+
+
 # ------------------------------------------------------------------ lifetime and attach
 
 
