@@ -73,10 +73,17 @@ def integer(value: Any, name: str, minimum: int) -> int:
 
 def seed(value: Any, name: str = "seed") -> int:
     """A seed of a private ``torch.Generator``: an int in [0, 2**63)."""
-    value = integer(value, name, 0)
-    if value >= 2**63:
-        raise ICSValueError(f"{_label(name)} must be < 2**63, got {value}")
-    return value
+    if not _is_int(value):
+        raise ICSTypeError(
+            f"{_label(name)} must be an int in [0, 2**63) (it seeds private generators), got "
+            f"{type(value).__name__} {value!r}; pass e.g. {name.strip('`')}=0"
+        )
+    if not 0 <= int(value) < 2**63:
+        raise ICSValueError(
+            f"{_label(name)} must be an int in [0, 2**63) (it seeds private generators), got "
+            f"{value}; pass e.g. {name.strip('`')}=0"
+        )
+    return int(value)
 
 
 def positive_number(value: Any, name: str, *, unit: str = "") -> float:

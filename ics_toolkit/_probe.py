@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ics_toolkit._failsafe import isolated_rng
 from ics_toolkit._norm_snapshot import norm_snapshot
 from ics_toolkit.errors import ICSError, ICSTypeError, ICSValueError
 from ics_toolkit.recording import Recorder
@@ -60,7 +61,8 @@ def draw_probe(loader: Any, size: int, seed: int) -> tuple[Any, Any]:
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(n, generator=gen)[: min(size, n)].sort().values.tolist()
     collate = loader.collate_fn or torch.utils.data.default_collate
-    batch = collate([dataset[i] for i in idx])
+    with isolated_rng(seed):  # a dataset's random transforms draw seeded, then restore
+        batch = collate([dataset[i] for i in idx])
     if isinstance(batch, list | tuple) and len(batch) >= 2:
         return batch[0], batch[1]  # (inputs, targets) datasets
     return batch, None

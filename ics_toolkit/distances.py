@@ -55,6 +55,7 @@ import torch
 
 from ics_toolkit import _checks, _sliced, _vocab
 from ics_toolkit._arrays import ArrayLike, as_pair, as_samples, check_finite_values, to_tensor
+from ics_toolkit._pot import import_ot
 from ics_toolkit.errors import ICSTypeError, ICSValueError, SolverError
 
 __all__ = [
@@ -466,7 +467,7 @@ def _exact(
         info.update(solver="sorted_1d", status="optimal", result_code=1, numItermax=None)
         return value, info
     _check_memory(n, m, _EXACT_BYTES_PER_CELL, opts["memory_limit"], "exact")
-    import ot  # lazily: importing POT is slow and may touch the GPU
+    ot = import_ot()  # lazily: importing POT is slow and may touch the GPU
 
     num_iter = opts["numItermax"] or default_num_iter_max(n, m)
     cost = _euclidean_cost(tx, ty).cpu().numpy()
@@ -505,7 +506,7 @@ def _sinkhorn(
     info = _base_log("sinkhorn", tx, ty)
     info["dtype"] = "float64"
     _check_memory(n, m, _SINKHORN_BYTES_PER_CELL, opts["memory_limit"], "sinkhorn")
-    import ot  # lazily
+    ot = import_ot()  # lazily, with the RNGs it touches restored
 
     cost = _euclidean_cost(tx, ty)
     scale = float(cost.mean())

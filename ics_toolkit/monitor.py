@@ -12,7 +12,7 @@ Lifecycle::
     monitor.attach(optimizer)        # optimizer step pre/post hooks; the loop stays as it is
     ...                              # train
     df = monitor.results()           # the tidy table (ics_toolkit.results.COLUMNS)
-    monitor.detach()
+    monitor.detach()                 # or: with monitor.attach(optimizer): ...
 
 or, for custom loops (gradient accumulation, closures, several optimizers)::
 
@@ -21,7 +21,8 @@ or, for custom loops (gradient accumulation, closures, several optimizers)::
 
 Measuring never changes the run: probe passes run without autograd, restore every
 buffer, train/eval flag and RNG state (``ics_toolkit.recording``), and unscheduled
-steps cost one counter increment and one schedule call.
+steps cost one counter increment and one schedule call. A failure of the monitor's
+own work never breaks training either (``on_error``, ``ics_toolkit._failsafe``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ics_toolkit import _checks, _exchange, _probe, _vocab, distributed
+from ics_toolkit import _checks, _exchange, _failsafe, _inputs, _probe, _vocab, distributed
 from ics_toolkit._gradient_rows import gradient_rows
 from ics_toolkit._memory import WORKING_COPIES, memory_plan
 from ics_toolkit._norm_snapshot import bound_layer
@@ -166,6 +167,20 @@ class ICSMonitor:
         Seconds a gather may wait for the other ranks; past it (or when a rank died)
         the step is recorded as ``gather_failed`` and gathering stops, instead of
         hanging.
+    on_error : {"warn", "raise"}
+        What a failure of the monitor's own work (the schedule, a probe pass, the
+        analysis, the gradient ICS, writing results) does. ``"warn"`` (default): it
+        never breaks or changes training. The model, its buffers and flags and every
+        RNG are left as they were, the optimizer step runs exactly once, the step is
+        not measured and an event row (``quantity="error"``, the message in
+        ``warning``, the count of that kind of failure in ``value``) is recorded (for
+        the first 100 failures of a kind, then every 100th); an
+        :class:`~ics_toolkit.errors.ICSRuntimeWarning` is issued the first time a kind
+        of failure occurs, later ones are only counted (:attr:`errors`, ``repr``).
+        ``"raise"``: the exception propagates (for debugging). ``KeyboardInterrupt``
+        and ``SystemExit`` always propagate, after the state is restored. Arguments
+        are checked at construction (the probe is run once, and with
+        ``gradient=True`` so is ``loss_fn`` on it), so misuse fails before training.
 
     Notes
     -----
@@ -180,12 +195,19 @@ class ICSMonitor:
     bfloat16 activations), are stored in ``capture_dtype`` and analysed in float64
     with autocast disabled.
 
+    *Lifetime.* :meth:`attach` returns the monitor, and the optimizer's hooks hold
+    it: ``ICSMonitor(model, probe, path=...).attach(optimizer)`` keeps measuring
+    without a reference, until :meth:`detach`; ``with monitor.attach(optimizer):``
+    detaches on leaving the block.
+
     Attributes
     ----------
     step_count : int
         Optimizer steps seen so far (the index the next step gets).
     update_count : int
         Steps measured so far.
+    errors : dict of str to int
+        Failures of the monitor caught so far, per kind (``on_error="warn"``).
 
     Examples
     --------
@@ -196,15 +218,16 @@ class ICSMonitor:
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> monitor = ics.ICSMonitor(model, torch.randn(32, 4), every=2)
-    >>> monitor.attach(opt)
-    >>> for _ in range(4):
-    ...     opt.zero_grad()
-    ...     model(torch.randn(16, 4)).square().mean().backward()
-    ...     opt.step()
+    >>> with monitor.attach(opt):  # or monitor.attach(opt) ... monitor.detach()
+    ...     for _ in range(4):
+    ...         opt.zero_grad()
+    ...         model(torch.randn(16, 4)).square().mean().backward()
+    ...         opt.step()
     >>> df = monitor.results()
     >>> sorted(df.step.unique().tolist()), bool(df.bounds_hold.all())
     ([0, 2], True)
-    >>> monitor.detach()
+    >>> monitor.attached, monitor.errors
+    (False, {})
     """
 
     def __init__(
@@ -239,9 +262,17 @@ class ICSMonitor:
         gather: bool = False,
         group: Any = None,
         gather_timeout: float = 300.0,
+        on_error: str = "warn",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ICSTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        # --- fail-safe (ics_toolkit._failsafe / _inputs): checks and the guard's state
+        self._failures = _failsafe.Failures(on_error)
+        self._hook_step = False  # the open step was opened by the optimizer pre-hook
+        _inputs.check_arguments(
+            probe=probe, every=every, loss_fn=loss_fn, run=run, capture_dtype=capture_dtype
+        )
+        # --- end fail-safe
         self.model = model
         self.schedule = as_schedule(every)
         # the boundary: every option is checked here, once (MeasureConfig checks its own)
@@ -321,6 +352,16 @@ class ICSMonitor:
         self._train_mode = mode
         if self._dist.captures:
             _probe.check_probe(self.recorder, self.probe)
+        _inputs.check_probe_values(self.probe)  # fail-safe: a finite probe
+        if self.gradient:  # fail-safe: loss_fn and targets tried once, side-effect free
+            _inputs.check_loss(
+                self.recorder.runner,
+                self.probe,
+                self.targets,
+                loss_fn,
+                mode if mode != "keep" else "train",
+                seed,
+            )
 
         self.writer = (
             ResultWriter(path, format=format, run=run)
@@ -339,12 +380,28 @@ class ICSMonitor:
         self._pending: dict[str, Any] | None = None  # the cached capture at step t
 
     # ------------------------------------------------------------------ lifecycle
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+    def attach(self, optimizer: torch.optim.Optimizer) -> ICSMonitor:
         """Measure around ``optimizer.step()`` through its step pre/post hooks.
 
-        Attaching to the optimizer it is already attached to only warns. A step the
-        optimizer skips entirely (``GradScaler`` on inf/NaN gradients) is invisible
-        here; use :meth:`step` / :meth:`before_step` around ``scaler.step`` to record it.
+        The hooks hold the monitor: an attached monitor lives until :meth:`detach`,
+        also when no reference to it is kept. The optimizer stays picklable and
+        deep-copyable (the hooks pickle to inert copies). Attaching to the optimizer it
+        is already attached to only warns. A step the optimizer skips entirely
+        (``GradScaler`` on inf/NaN gradients) is invisible here; use :meth:`step` /
+        :meth:`before_step` around ``scaler.step`` to record it (the hooks then defer
+        to that step: it is measured once).
+
+        Parameters
+        ----------
+        optimizer : torch.optim.Optimizer
+            The optimizer that trains the monitored model.
+
+        Returns
+        -------
+        ICSMonitor
+            The monitor itself, so that ``with monitor.attach(optimizer): ...``
+            detaches on leaving the block; a plain ``monitor.attach(optimizer)`` call
+            stays attached until :meth:`detach`.
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ICSTypeError(
@@ -352,7 +409,7 @@ class ICSMonitor:
             )
         if self._optimizer is optimizer:
             warnings.warn("the monitor is already attached to this optimizer", ICSWarning, 2)
-            return
+            return self
         if self._optimizer is not None:
             raise ICSUsageError(
                 "the monitor is already attached to another optimizer; detach() first, or "
@@ -365,10 +422,34 @@ class ICSMonitor:
                 "optimizer that trains this model"
             )
         self._handles = [
-            optimizer.register_step_pre_hook(_PreHook(self)),
-            optimizer.register_step_post_hook(_PostHook(self)),
+            optimizer.register_step_pre_hook(_failsafe.PreHook(self)),
+            optimizer.register_step_post_hook(_failsafe.PostHook(self)),
         ]
         self._optimizer = optimizer
+        return self
+
+    def __enter__(self) -> ICSMonitor:
+        """``with monitor.attach(optimizer):`` (the monitor itself)."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Detach on leaving the block (if attached); exceptions propagate."""
+        if self.attached:
+            self.detach()
+
+    @property
+    def errors(self) -> dict[str, int]:
+        """Failures of the monitor caught so far (``on_error="warn"``), per kind.
+
+        A kind is where the failure happened and the exception type, e.g. ``"a probe
+        pass: RuntimeError"``; each failure is also an ``error`` row of the results.
+        """
+        return dict(self._failures.counts)
+
+    @property
+    def on_error(self) -> str:
+        """What a failure of the monitor's own work does: ``"warn"`` or ``"raise"``."""
+        return self._failures.on_error
 
     def detach(self) -> None:
         """Remove the optimizer hooks (warns if not attached). Results are kept."""
@@ -387,6 +468,7 @@ class ICSMonitor:
         """Whether the monitor is attached to an optimizer."""
         return self._optimizer is not None
 
+    @_failsafe.guard_before_step
     def before_step(self, step: int | None = None) -> None:
         """Call right before an optimizer step (custom loops; :meth:`attach` does it for you).
 
@@ -432,6 +514,7 @@ class ICSMonitor:
             "seconds": time.perf_counter() - start,  # this side's share of the step's cost
         }
 
+    @_failsafe.guard_after_step
     def after_step(self) -> None:
         """Call right after the optimizer step opened by :meth:`before_step`."""
         if self._current is None:
@@ -485,6 +568,7 @@ class ICSMonitor:
         self.update_count += 1
         self._emit(rows)
 
+    @_failsafe.guard_abort_step
     def abort_step(self, reason: str = "the training step raised") -> None:
         """Drop the open step without measuring it, recording an ``aborted`` event.
 
@@ -518,7 +602,8 @@ class ICSMonitor:
         """Context manager around one optimizer step: ``with monitor.step(): opt.step()``.
 
         If the block raises, the step is recorded as ``aborted`` and the exception
-        propagates unchanged.
+        propagates unchanged. With :meth:`attach` too, the optimizer hooks defer to
+        this step (``with monitor.step(): scaler.step(optimizer)`` is measured once).
         """
         self.before_step(step)
         try:
@@ -620,6 +705,8 @@ class ICSMonitor:
             if self._dist.exchanges:
                 role += ", gathers"
             extra += f", rank {self._dist.rank}/{self._dist.world_size} ({role})"
+        if self._failures.total:
+            extra += f", errors={self._failures.total}"
         return (
             f"ICSMonitor({len(self.recorder.names)} layers, methods={list(self.config.methods)}, "
             f"views={list(self.config.views)}{extra}, {state}, steps={self.step_count}, "
@@ -658,7 +745,7 @@ class ICSMonitor:
             f"step {step}: the optimizer step changed no parameter (a GradScaler skip on "
             "inf/NaN gradients, or a gradient-accumulation micro-step); nothing measured"
         )
-        warnings.warn(msg, ICSRuntimeWarning, stacklevel=stacklevel)
+        warnings.warn(msg, ICSRuntimeWarning, stacklevel=_failsafe.user_stacklevel())
         self._emit([_event(step, None, "skipped_step", msg)])
 
     def _skipped(self, pending: Mapping[str, Any]) -> bool:
@@ -686,35 +773,3 @@ def _fused(optimizer: torch.optim.Optimizer | None) -> bool:
     if optimizer is None:
         return True
     return any(g.get("fused") for g in optimizer.param_groups)
-
-
-class _PreHook:
-    """Optimizer step pre-hook: opens the step (a small object, so optimizers stay picklable)."""
-
-    def __init__(self, monitor: ICSMonitor) -> None:
-        import weakref
-
-        self._monitor = weakref.ref(monitor)
-
-    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        monitor = self._monitor()
-        if monitor is None:
-            return
-        if monitor._current is not None:  # the last step raised between the hooks
-            monitor.abort_step("the previous optimizer step raised before finishing")
-        monitor.before_step()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self._monitor = lambda: None
-
-
-class _PostHook(_PreHook):
-    """Optimizer step post-hook: measures the step."""
-
-    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        monitor = self._monitor()
-        if monitor is not None and monitor._current is not None:
-            monitor.after_step()

@@ -24,7 +24,7 @@ from ics_toolkit import _checks, _vocab
 from ics_toolkit._norm_snapshot import NormSnapshot, norm_pair, norm_snapshot
 from ics_toolkit.bounding import RTOL, _bounds, check_order
 from ics_toolkit.distances import _halves, _kernel, _many, _parse_options
-from ics_toolkit.errors import ICSError, ICSValueError, ICSWarning
+from ics_toolkit.errors import ICSError, ICSTypeError, ICSValueError, ICSWarning
 from ics_toolkit.moments import _drift
 from ics_toolkit.recording import CaptureInfo
 from ics_toolkit.sketch import jl_scale, no_autocast
@@ -87,23 +87,18 @@ class MeasureConfig:
         put(self, "methods", methods)
         put(self, "views", _checks.views(self.views))
         put(self, "floor", _floor_methods(self.floor, methods))
-        put(self, "bounds", bool(self.bounds))
-        put(self, "moments", bool(self.moments))
+        put(self, "bounds", _checks.boolean(self.bounds, "bounds"))
+        put(self, "moments", _checks.boolean(self.moments, "moments"))
         put(self, "n_projections", _checks.positive_int(self.n_projections, "n_projections"))
         put(self, "seed", _checks.seed(self.seed))
+        # a W1 needs 2 samples, so the pixel view keeps at least 2 rows
         put(
             self,
             "max_pixel_samples",
-            _checks.positive_int(self.max_pixel_samples, "max_pixel_samples"),
+            _checks.integer(self.max_pixel_samples, "max_pixel_samples", 2),
         )
         put(self, "rtol", _checks.positive_number(self.rtol, "rtol"))
-        given = dict(self.method_options or {})
-        bad = [m for m in given if m not in _vocab.METHODS]
-        if bad:
-            raise ICSValueError(
-                f"`method_options` names unknown method(s) {bad}; use names of "
-                f"{', '.join(_vocab.METHODS)}"
-            )
+        given = _method_options(self.method_options)
         put(self, "method_options", given)
         options = {}
         for method in dict.fromkeys((*methods, *sorted(_vocab.BATCHED_METHODS))):
@@ -112,6 +107,47 @@ class MeasureConfig:
                 opts.setdefault("on_failure", "flag")  # a failed solve is a flagged row
             options[method] = _parse_options(method, opts, log=True)
         put(self, "options", options)
+
+
+# options the monitor passes to every method itself: setting them per method would clash
+_MONITOR_OPTIONS = {"n_projections": "n_projections", "seed": "seed", "log": None}
+
+
+def _method_options(method_options: Any) -> dict[str, dict[str, Any]]:
+    """``method_options`` checked: a dict from method name to a dict of its own options."""
+    if method_options is None:
+        return {}
+    if not isinstance(method_options, Mapping):
+        raise ICSTypeError(
+            f"`method_options` must be a dict from method name to a dict of its options, "
+            f'e.g. {{"sinkhorn": {{"reg": 0.05}}}}, got {type(method_options).__name__}'
+        )
+    checked = {}
+    for method, options in method_options.items():
+        _checks.choice(method, f"`method_options` key {method!r}", _vocab.METHODS)
+        if not isinstance(options, Mapping):
+            raise ICSTypeError(
+                f"`method_options[{method!r}]` must be a dict of options, got "
+                f"{type(options).__name__}"
+            )
+        own = [k for k in options if k in _MONITOR_OPTIONS]
+        if own:
+            hint = ", ".join(
+                f"pass {_MONITOR_OPTIONS[k]}= to the monitor"
+                if _MONITOR_OPTIONS[k]
+                else f"{k!r} is set by the monitor"
+                for k in own
+            )
+            raise ICSValueError(
+                f"`method_options[{method!r}]` sets {own}, which the monitor sets itself "
+                f"for every method ({hint})"
+            )
+        try:
+            _parse_options(method, dict(options), log=True)
+        except ICSError as err:
+            raise type(err)(f"`method_options[{method!r}]`: {err}") from None
+        checked[method] = dict(options)
+    return checked
 
 
 def _floor_methods(floor: Any, methods: tuple[str, ...]) -> tuple[str, ...]:

@@ -216,7 +216,9 @@ def _mismatch(rank: int, out: str) -> dict:
 
     model = DDP(_model("layer"))
     dtype = torch.float16 if rank == 1 else torch.float32
-    monitor = ics.ICSMonitor(model, shard(_full_probe()), every=1, gather=True, capture_dtype=dtype)
+    monitor = ics.ICSMonitor(  # on_error="raise": the error itself is what is checked
+        model, shard(_full_probe()), every=1, gather=True, capture_dtype=dtype, on_error="raise"
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     model(_batches(rank)[0]).square().mean().backward()
     try:
