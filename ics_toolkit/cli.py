@@ -2,15 +2,18 @@
 
 Commands::
 
-    ics-toolkit run --out DIR [--quick] [--model cnn|mlp|resnet20] [--dataset NAME] ...
+    ics-toolkit run --out DIR [--overwrite] [--quick] [--model cnn|mlp|resnet20] ...
     ics-toolkit sweep-dim --out DIR [--quick] [--dims 4,16,...] [--noises 0,0.1,...] ...
-    ics-toolkit plot RESULTS [RESULTS ...] --out DIR
+    ics-toolkit plot RESULTS [RESULTS ...] --out DIR [--formats png,svg] [--strict]
     ics-toolkit --version
 
 A bad option prints one line, ``ics-toolkit: error: ...``, to stderr and exits with
 status 2 (usage) or 1 (a value the toolkit refused: unknown method, missing CIFAR
-files, an output path that is a file, ...); no traceback. Ctrl-C exits with 130
-(results measured so far stay in ``DIR/parts``).
+files, an output path that is a file or holds an earlier run, an unreadable table,
+...); no traceback. Warnings print as one line each (``ics-toolkit: warning: ...``).
+``run`` writes ``config.json`` first and ``training.csv`` and ``parts/`` as it goes,
+so Ctrl-C (exit 130) or ``kill -9`` keeps everything measured but the step in flight;
+``plot`` draws it.
 """
 
 from __future__ import annotations

@@ -541,8 +541,8 @@ def run_main(
     device : str
         ``"cpu"`` or ``"cuda"`` (``"cuda:1"``, ...).
     seed : int
-        Seeds the initial weights, the batch order, the probe draw and every random
-        choice of the measurement.
+        Seeds (an integer in [0, 2**32)) the initial weights, the batch order, the probe
+        draw and every random choice of the measurement.
     quick : bool
         Small defaults for a smoke test (narrow model, few steps, small probe, a
         subset of the data): well under a minute on a laptop CPU.
@@ -994,7 +994,8 @@ def sweep_dim(
     out_dir : str or Path
         Output folder (created): ``sweep.csv`` (the table, columns
         :data:`SWEEP_COLUMNS`), ``sweep_summary.md`` (log-log slopes against d),
-        ``config.json`` and ``bounds_vs_dim.png`` / ``.svg``.
+        ``config.json`` and ``bounds_vs_dim.png`` / ``.svg``, each written atomically;
+        an earlier sweep's files are replaced, a folder of :func:`run_main` is refused.
     dims : sequence of int
         Widths d.
     noises : sequence of float, optional
@@ -1005,7 +1006,8 @@ def sweep_dim(
     step_size : float
         Size of the fixed update.
     seed : int
-        Seed of the activations, update and noise (a private generator per d).
+        Seed (an integer in [0, 2**32)) of the activations, update and noise (a private
+        generator per d).
     quick : bool
         Small defaults for a smoke test.
     progress : bool

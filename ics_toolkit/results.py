@@ -171,7 +171,7 @@ def _concat(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
         return _empty()
     if len(frames) == 1:
         return frames[0]
-    return _typed(pd.concat(frames, ignore_index=True))
+    return pd.concat(frames, ignore_index=True)  # typed alike: dtypes are kept
 
 
 class ResultWriter:
