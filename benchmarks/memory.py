@@ -25,8 +25,8 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import sys
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
