@@ -45,7 +45,11 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
         "ics_toolkit.schedules",
         ["linear", "explicit", "logarithmic", "as_schedule"],
     ),
-    ("Results", "ics_toolkit.results", ["load_results", "to_wide", "ResultWriter", "COLUMNS"]),
+    (
+        "Results",
+        "ics_toolkit.results",
+        ["load_results", "to_wide", "ResultStore", "ResultWriter", "COLUMNS"],
+    ),
     (
         "Normalization layers",
         "ics_toolkit.nn",

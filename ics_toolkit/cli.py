@@ -2,21 +2,25 @@
 
 Commands::
 
-    ics-toolkit run --out DIR [--quick] [--model cnn|mlp|resnet20] [--dataset NAME] ...
+    ics-toolkit run --out DIR [--overwrite] [--quick] [--model cnn|mlp|resnet20] ...
     ics-toolkit sweep-dim --out DIR [--quick] [--dims 4,16,...] [--noises 0,0.1,...] ...
-    ics-toolkit plot RESULTS [RESULTS ...] --out DIR
+    ics-toolkit plot RESULTS [RESULTS ...] --out DIR [--formats png,svg] [--strict]
     ics-toolkit --version
 
 A bad option prints one line, ``ics-toolkit: error: ...``, to stderr and exits with
 status 2 (usage) or 1 (a value the toolkit refused: unknown method, missing CIFAR
-files, an output path that is a file, ...); no traceback. Ctrl-C exits with 130
-(results measured so far stay in ``DIR/parts``).
+files, an output path that is a file or holds an earlier run, an unreadable table,
+...); no traceback. Warnings print as one line each (``ics-toolkit: warning: ...``).
+``run`` writes ``config.json`` first and ``training.csv`` and ``parts/`` as it goes,
+so Ctrl-C (exit 130) or ``kill -9`` keeps everything measured but the step in flight;
+``plot`` draws it.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -78,6 +82,16 @@ def _every(text: str) -> int | str:
         ) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**32 - 1, got {text!r}")
     return value
 
 
@@ -152,11 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="flatten, pixel, channel (default: flatten)",
     )
     run.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
-    run.add_argument("--seed", type=int, default=0, metavar="S")
+    run.add_argument("--seed", type=_seed, default=0, metavar="S")
     run.add_argument("--width", type=_positive, metavar="W", help="model width")
     run.add_argument("--batch-size", type=_positive, metavar="B", help="training batch (128)")
     run.add_argument("--lr", type=float, default=0.05, help="initial learning rate (0.05)")
     run.add_argument("--no-progress", action="store_true", help="print nothing while running")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in --out (its files only; without it such a folder "
+        "is refused)",
+    )
 
     sweep = sub.add_parser(
         "sweep-dim",
@@ -182,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--n", type=_positive, metavar="N", help="probe inputs (512)")
     sweep.add_argument("--step-size", type=float, default=0.1, help="update size (0.1)")
-    sweep.add_argument("--seed", type=int, default=0, metavar="S")
+    sweep.add_argument("--seed", type=_seed, default=0, metavar="S")
     sweep.add_argument("--no-progress", action="store_true", help="print nothing while running")
 
     plot = sub.add_parser(
@@ -201,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=["png", "svg"],
         metavar="LIST",
         help="figure formats (default: png,svg)",
+    )
+    plot.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail on an unreadable result part (default: skip it with a warning)",
     )
     return parser
 
@@ -245,6 +270,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         width=args.width,
         batch_size=args.batch_size,
         lr=args.lr,
+        overwrite=args.overwrite,
     )
     print(result.summary)
     _print_files(result.files)
@@ -272,13 +298,24 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_sweep_file(path: Path) -> bool:
+def _read_table(path: Path, nrows: int | None = None) -> Any:
+    """A CSV / Parquet table; any failure to read it is an error naming the file."""
     import pandas as pd
 
-    if path.suffix == ".parquet":
-        columns = list(pd.read_parquet(path).columns)
-    else:
-        columns = list(pd.read_csv(path, nrows=0).columns)
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        return pd.read_csv(path, nrows=nrows)
+    except OSError:
+        raise
+    except Exception as err:  # pandas / pyarrow parse errors, bad encodings
+        raise ICSValueError(
+            f"RESULTS {str(path)!r} is not a readable table: {type(err).__name__}: {err}"
+        ) from None
+
+
+def _is_sweep_file(path: Path) -> bool:
+    columns = list(_read_table(path, nrows=0).columns)
     return "variant" in columns and "dim" in columns and "layer" not in columns
 
 
@@ -323,20 +360,23 @@ def _collect(paths: Sequence[str]) -> tuple[list[Path], list[Path]]:
 def _cmd_plot(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from ics_toolkit.experiments import draw_results, draw_sweep
+    from ics_toolkit.experiments import SWEEP_COLUMNS, draw_results, draw_sweep
+    from ics_toolkit.plots import check_formats
+    from ics_toolkit.report import check_columns
     from ics_toolkit.results import load_results
 
     out = _check_out(args.out)
+    formats = check_formats(args.formats, "--formats")
     results, sweeps = _collect(args.results)
     files: list[Path] = []
     if results:
-        table = pd.concat([load_results(p) for p in results], ignore_index=True)
-        files += draw_results(
-            table, out, quantity=args.quantity, view=args.view, formats=args.formats
-        )
+        table = pd.concat([load_results(p, strict=args.strict) for p in results], ignore_index=True)
+        files += draw_results(table, out, quantity=args.quantity, view=args.view, formats=formats)
     for sweep in sweeps:
-        table = pd.read_parquet(sweep) if sweep.suffix == ".parquet" else pd.read_csv(sweep)
-        files += draw_sweep(table, out, formats=args.formats)
+        table = _read_table(sweep)
+        need = ("variant", "dim", "noise", "quantity", "value")
+        check_columns(table, [c for c in SWEEP_COLUMNS if c in need], f"RESULTS {str(sweep)!r}")
+        files += draw_sweep(table, out, formats=formats)
     _print_files(files)
     return 0
 
@@ -344,7 +384,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 _COMMANDS = {"run": _cmd_run, "sweep-dim": _cmd_sweep, "plot": _cmd_plot}
 
 
-def _one_line(err: BaseException) -> str:
+def _one_line(err: object) -> str:
     return " ".join(str(err).split())
 
 
@@ -376,6 +416,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as exit_:  # --help and --version print, then exit
         return int(exit_.code or 0)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """Warnings as one line each (``ics-toolkit: warning: ...``), without source lines."""
+    print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr if file is None else file)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return _COMMANDS[args.command](args)
     except ICSError as err:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from ics_toolkit import _checks
+from ics_toolkit._io import atomic_write, stale_temporaries
 from ics_toolkit._vocab import DEFAULT_METHODS, quantity_kind
 from ics_toolkit.errors import ICSValueError
 
@@ -220,6 +220,13 @@ def _device(device: str | torch.device, argument: str = "`device`") -> torch.dev
             f"{argument} {str(device)!r} asks for CUDA, but torch.cuda.is_available() is False "
             "(a CPU build of torch, or no GPU); use cpu"
         )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ICSValueError(
+            f"{argument} {str(device)!r} asks for Apple's MPS, but "
+            "torch.backends.mps.is_available() is False on this machine; use cpu"
+        )
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ICSValueError(f"{argument} {str(device)!r}: use cpu, cuda, cuda:N or mps")
     return dev
 
 
@@ -237,17 +244,126 @@ def _prepare_out(
 
 
 def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, text)
 
 
 def _write_csv(path: Path, df: pd.DataFrame) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, df.to_csv(index=False))
+
+
+def _seed(seed: Any, argument: str = "`seed`") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**32:
+        raise ICSValueError(f"{argument} must be an integer in [0, 2**32), got {seed!r}")
+    return int(seed)
+
+
+#: Files of ``ics-toolkit run`` in its output folder (figures: these stems, any format).
+_RUN_FILES = ("config.json", "training.csv", "results.csv", "results.parquet", "summary.md")
+_RUN_FIGURES = ("ics_vs_step", "heatmap", "bn_vs_unitization")
+#: Files of ``ics-toolkit sweep-dim``.
+_SWEEP_FILES = ("config.json", "sweep.csv", "sweep_summary.md")
+_SWEEP_FIGURES = ("bounds_vs_dim",)
+
+
+def _owned(name: str, files: Sequence[str], figures: Sequence[str]) -> bool:
+    """Whether an experiment with these files and figure stems owns a file of this name."""
+    stem, dot, suffix = name.rpartition(".")
+    return name in files or (bool(dot) and stem in figures and suffix.isalnum())
+
+
+def _claim_out(
+    out: Path,
+    files: Sequence[str],
+    figures: Sequence[str],
+    parts: bool,
+    overwrite: bool,
+) -> None:
+    """Make ``out`` ready for a new run of an experiment: refuse or clear an earlier run.
+
+    An earlier run is recognised by the files the experiment writes (``parts/`` with
+    result parts for the main run). Without ``overwrite`` such a folder is refused;
+    with it exactly those files are removed (other files in the folder are kept), so
+    an earlier run's variants never mix into the new results. Temporary files of
+    interrupted writes (``.NAME.tmp``) of owned names are removed in either case.
+    """
+    from ics_toolkit.results import _PART
+
+    if not out.is_dir():
+        return
+    found = sorted(f for f in out.iterdir() if f.is_file() and _owned(f.name, files, figures))
+    part_dir = out / "parts"
+    old_parts = (
+        sorted(f for f in part_dir.iterdir() if _PART.match(f.name))
+        if parts and part_dir.is_dir()
+        else []
+    )
+    if (found or old_parts) and not overwrite:
+        names = [f.name for f in found] + (["parts/"] if old_parts else [])
+        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        raise ICSValueError(
+            f"the output folder {str(out)!r} holds an earlier run ({shown}); pass "
+            "--overwrite (Python: overwrite=True) to replace it, or choose another folder"
+        )
+    stale = stale_temporaries(out, lambda n: _owned(n, files, figures))
+    if parts:
+        stale += stale_temporaries(part_dir, lambda n: _PART.match(n) is not None)
+    for f in [*found, *old_parts, *stale]:
+        f.unlink(missing_ok=True)
+
+
+class _TrainingLog:
+    """``training.csv`` written as training goes: one appended line per step.
+
+    Each line is written by one ``write`` call on a file opened for appending, so a
+    killed process leaves whole lines only (at most the line of the step in flight is
+    missing); :meth:`close` rewrites the file atomically from the finished curves.
+    """
+
+    COLUMNS = ("run", "step", "loss", "accuracy", "lr")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        atomic_write(path, ",".join(self.COLUMNS) + "\n")
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        self.run = ""
+        self.steps = 0
+        self._accuracy = math.nan
+        self._optimizer: Any = None
+
+    def start(self, run: str) -> None:
+        self.run, self.steps, self._accuracy = run, 0, math.nan
+
+    def loss(self, criterion: Any) -> Any:
+        """Wrap ``criterion(logits, labels)`` to note the batch accuracy (no side effect)."""
+
+        def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            self._accuracy = float((logits.detach().argmax(1) == labels).float().mean())
+            return criterion(logits, labels)
+
+        return loss_fn
+
+    def optimizer(self, optimizer: Any) -> None:
+        self._optimizer = optimizer
+
+    def step(self, step: int, loss: float) -> None:
+        lr = float(self._optimizer.param_groups[0]["lr"]) if self._optimizer else math.nan
+        self._line(step, loss, self._accuracy, lr)
+
+    def _line(self, step: int, loss: float, accuracy: float, lr: float) -> None:
+        os.write(self._fd, f"{self.run},{step},{loss!r},{accuracy!r},{lr!r}\n".encode())
+        self.steps = step + 1
+
+    def finish(self, frame: pd.DataFrame) -> None:
+        """Append the steps of a finished variant the hook did not see (a diverged step)."""
+        for row in frame[frame["step"] >= self.steps].itertuples(index=False):
+            self._line(int(row.step), float(row.loss), float(row.accuracy), float(row.lr))
+
+    def close(self, frame: pd.DataFrame | None = None) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if frame is not None:
+            _write_csv(self.path, frame[list(self.COLUMNS)])
 
 
 def _have_pyarrow() -> bool:
@@ -364,6 +480,7 @@ def run_main(
     lr: float = 0.05,
     n_projections: int | None = None,
     formats: Sequence[str] = ("png", "svg"),
+    overwrite: bool = False,
 ) -> ExperimentResult:
     """Train one model per normalization variant and measure every layer's ICS.
 
@@ -381,14 +498,19 @@ def run_main(
     Parameters
     ----------
     out_dir : str or Path
-        Output folder (created). Written: ``parts/`` (results appended as measured,
-        one file per measured step; earlier parts of the same variants are replaced),
-        ``results.csv`` (the tidy table of every variant, :data:`ics_toolkit.results.
-        COLUMNS`, ``run`` = variant), ``results.parquet`` (if pyarrow is installed),
-        ``training.csv`` (loss, batch accuracy and learning rate per step),
-        ``config.json``, ``summary.md`` and the plots (PNG and SVG):
-        ``ics_vs_step`` (a row of layer panels per variant), ``heatmap`` and
-        ``bn_vs_unitization`` (see :func:`draw_results`).
+        Output folder (created). Written as the run goes, so that a killed run
+        keeps everything but the step in flight: ``config.json`` (the settings,
+        first; ``status`` is ``running`` until the end, then ``complete``;
+        ``finished`` and ``accuracies`` list the finished variants), ``parts/``
+        (results appended as measured, one file per measured step),
+        ``training.csv`` (loss, batch accuracy and learning rate, one line per step
+        as it is taken) and ``summary.md`` (rewritten when a variant finishes).
+        At the end: ``results.csv`` (the tidy table of every variant,
+        :data:`ics_toolkit.results.COLUMNS`, ``run`` = variant), ``results.parquet``
+        (if pyarrow is installed), the final ``summary.md`` and the plots (PNG and
+        SVG): ``ics_vs_step`` (a row of layer panels per variant), ``heatmap`` and
+        ``bn_vs_unitization`` (see :func:`draw_results`). Every file is written
+        atomically (a temporary file renamed into place).
     model : {"cnn", "mlp", "resnet20"}
         See :func:`build_model`.
     dataset : {"digits", "shapes", "blobs", "cifar10", "cifar100"}
@@ -411,8 +533,8 @@ def run_main(
     device : str
         ``"cpu"`` or ``"cuda"`` (``"cuda:1"``, ...).
     seed : int
-        Seeds the initial weights, the batch order, the probe draw and every random
-        choice of the measurement.
+        Seeds (an integer in [0, 2**32)) the initial weights, the batch order, the probe
+        draw and every random choice of the measurement.
     quick : bool
         Small defaults for a smoke test (narrow model, few steps, small probe, a
         subset of the data): well under a minute on a laptop CPU.
@@ -431,6 +553,10 @@ def run_main(
         Random directions of the sliced estimators and L3 (default 128; quick 32).
     formats : sequence of str
         Figure formats; empty writes no figure.
+    overwrite : bool
+        A folder holding an earlier run (its ``config.json``, ``parts/``, tables or
+        figures) is refused unless True; then exactly those files are removed first,
+        so no earlier variant mixes into the new results (other files are kept).
 
     Returns
     -------
@@ -442,7 +568,8 @@ def run_main(
     ------
     ICSValueError
         Bad option values (unknown model, dataset, variant or method; a model that
-        does not fit the dataset; ``out_dir`` is a file; CUDA without a GPU).
+        does not fit the dataset; a negative seed; a figure format matplotlib cannot
+        write; ``out_dir`` is a file or holds an earlier run; CUDA without a GPU).
     ics_toolkit.data.DatasetNotFoundError
         CIFAR files missing (the message says where to put them).
     """
@@ -450,6 +577,7 @@ def run_main(
 
     import ics_toolkit
     from ics_toolkit.monitor import ICSMonitor
+    from ics_toolkit.plots import check_formats
     from ics_toolkit.report import summary_markdown
     from ics_toolkit.results import load_results
     from ics_toolkit.schedules import as_schedule
@@ -482,7 +610,11 @@ def run_main(
     if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
         raise ICSValueError(f"`lr` must be a positive number, got {lr!r}")
     dev = _device(device)
+    seed = _seed(seed)
+    if formats:
+        formats = check_formats(formats)
     out = _prepare_out(out_dir, create=False)
+    _claim_out(out, _RUN_FILES, _RUN_FIGURES, True, overwrite)
 
     data = _load_data(dataset, data_root, seed)
     if quick:
@@ -492,80 +624,14 @@ def run_main(
     n_train = int(data.x_train.shape[0])
     probe_idx = torch.randperm(n_train, generator=gen)[: min(probe_size, n_train)]
     probe = data.x_train[probe_idx].to(dev)
-
-    parts = out / "parts"
-    parts.mkdir(parents=True, exist_ok=True)
-    for name, _ in variants:  # a re-run replaces its own earlier parts, nothing else
-        own = re.compile(rf"part-{re.escape(name)}-\d+\.(csv|parquet)")
-        for old in [f for f in parts.iterdir() if own.fullmatch(f.name)]:
-            old.unlink()
-
-    accuracies: dict[str, float] = {}
-    curves = []
-    timings: dict[str, float] = {}
-    _say(
-        progress,
-        f"ics-toolkit run: model {model} on {dataset} ({n_train} training inputs), "
-        f"{len(variants)} variant(s) x {steps} steps, ICS of {len(slots)} layer(s) every "
-        f"{every} step(s) on a probe of {probe.shape[0]}, methods {', '.join(methods)}",
-    )
-    for i, (name, spec) in enumerate(variants, 1):
-        t0 = time.perf_counter()
-        net = build_model(model, spec, data, width=width, seed=seed, quick=quick).to(dev)
-        monitor = ICSMonitor(
-            net,
-            probe,
-            layers=slots,
-            every=every,
-            methods=methods,
-            views=views,
-            n_projections=n_projections,
-            seed=seed,
-            path=parts,
-            run=name,
-        )
-        _say(progress, f"[{i}/{len(variants)}] {name}: training ...")
-        try:
-            result = train(
-                net,
-                data,
-                steps=steps,
-                batch_size=batch_size,
-                lr=lr,
-                seed=seed,
-                device=dev,
-                on_optimizer=monitor.attach,
-                progress=None if progress else False,
-                desc=f"{name:>12}",
-            )
-        finally:
-            if monitor.attached:
-                monitor.detach()
-        acc = result.test_accuracy
-        accuracies[name] = float("nan") if acc is None else float(acc)
-        curves.append(result.to_frame().assign(run=name))
-        timings[name] = time.perf_counter() - t0
-        acc_text = "diverged" if math.isnan(accuracies[name]) else f"{accuracies[name]:.1%}"
-        _say(
-            progress,
-            f"[{i}/{len(variants)}] {name}: {result.steps} steps in {timings[name]:.1f} s, "
-            f"{monitor.update_count} measured, test accuracy {acc_text}",
-        )
-
     names = [name for name, _ in variants]
-    table = load_results(parts)
-    table = table[table["run"].isin(names)].reset_index(drop=True)
-    files = [_write_csv(out / "results.csv", table)]
-    if _have_pyarrow():
-        tmp = out / ".results.parquet.tmp"
-        table.to_parquet(tmp, index=False)
-        os.replace(tmp, out / "results.parquet")
-        files.append(out / "results.parquet")
-    training = pd.concat(curves, ignore_index=True)[["run", "step", "loss", "accuracy", "lr"]]
-    files.append(_write_csv(out / "training.csv", training))
+    shown = "flatten" if "flatten" in views else views[0]  # the view of the summary and plots
 
-    config = {
+    # config.json first: a folder with it holds a run, finished or not ("status")
+    out.mkdir(parents=True, exist_ok=True)
+    config: dict[str, Any] = {
         "experiment": "main",
+        "status": "running",
         "model": model,
         "dataset": dataset,
         "norms": names,
@@ -582,20 +648,119 @@ def run_main(
         "device": str(dev),
         "seed": seed,
         "quick": bool(quick),
-        "accuracies": {k: (None if math.isnan(v) else v) for k, v in accuracies.items()},
-        "variant_wall_time_s": timings,
+        "finished": [],
+        "accuracies": {},
+        "variant_wall_time_s": {},
         "versions": {"ics_toolkit": ics_toolkit.__version__, "torch": torch.__version__},
     }
+    config_file = _write_text(out / "config.json", json.dumps(config, indent=2))
+    parts = out / "parts"
+    parts.mkdir(exist_ok=True)
+    log = _TrainingLog(out / "training.csv")
+
+    accuracies: dict[str, float] = {}
+    curves = []
+    timings: dict[str, float] = {}
     notes = [
         f"Model `{model}` on `{dataset}`, {steps} SGD steps per variant (batch {batch_size}, "
         f"lr {lr:g}), ICS measured every {every} step(s) on a fixed probe of "
         f"{int(probe.shape[0])} training inputs, seed {seed}" + (" (quick run)." if quick else "."),
     ]
-    text = summary_markdown(table, accuracies, notes=notes)
+    _say(
+        progress,
+        f"ics-toolkit run: model {model} on {dataset} ({n_train} training inputs), "
+        f"{len(variants)} variant(s) x {steps} steps, ICS of {len(slots)} layer(s) every "
+        f"{every} step(s) on a probe of {probe.shape[0]}, methods {', '.join(methods)}",
+    )
+    table = pd.DataFrame()
+    try:
+        for i, (name, spec) in enumerate(variants, 1):
+            t0 = time.perf_counter()
+            net = build_model(model, spec, data, width=width, seed=seed, quick=quick).to(dev)
+            monitor = ICSMonitor(
+                net,
+                probe,
+                layers=slots,
+                every=every,
+                methods=methods,
+                views=views,
+                n_projections=n_projections,
+                seed=seed,
+                path=parts,
+                run=name,
+            )
+            _say(progress, f"[{i}/{len(variants)}] {name}: training ...")
+            log.start(name)
+
+            def on_optimizer(optimizer: torch.optim.Optimizer, monitor: Any = monitor) -> None:
+                log.optimizer(optimizer)
+                monitor.attach(optimizer)
+
+            try:
+                result = train(
+                    net,
+                    data,
+                    steps=steps,
+                    batch_size=batch_size,
+                    lr=lr,
+                    seed=seed,
+                    device=dev,
+                    on_optimizer=on_optimizer,
+                    on_step=log.step,
+                    loss_fn=log.loss(torch.nn.functional.cross_entropy),
+                    progress=None if progress else False,
+                    desc=f"{name:>12}",
+                )
+            finally:
+                if monitor.attached:
+                    monitor.detach()
+            curve = result.to_frame().assign(run=name)
+            log.finish(curve)
+            curves.append(curve)
+            acc = result.test_accuracy
+            accuracies[name] = float("nan") if acc is None else float(acc)
+            timings[name] = time.perf_counter() - t0
+            acc_text = "diverged" if math.isnan(accuracies[name]) else f"{accuracies[name]:.1%}"
+            _say(
+                progress,
+                f"[{i}/{len(variants)}] {name}: {result.steps} steps in {timings[name]:.1f} s, "
+                f"{monitor.update_count} measured, test accuracy {acc_text}",
+            )
+            # the finished variants' summary and settings, in case the run dies later
+            table = load_results(parts)
+            table = table[table["run"].isin(names[:i])].reset_index(drop=True)
+            config["finished"] = names[:i]
+            config["accuracies"] = {
+                k: (None if math.isnan(v) else v) for k, v in accuracies.items()
+            }
+            config["variant_wall_time_s"] = dict(timings)
+            if i < len(variants):
+                partial = [*notes, f"Partial: {i} of {len(variants)} variants finished."]
+                _write_text(
+                    out / "summary.md",
+                    summary_markdown(table, accuracies, view=shown, notes=partial),
+                )
+                _write_text(config_file, json.dumps(config, indent=2))
+    except BaseException as err:
+        config["status"] = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        _write_text(config_file, json.dumps(config, indent=2))
+        raise
+    finally:
+        log.close()
+    log.close(pd.concat(curves, ignore_index=True))
+
+    files = [_write_csv(out / "results.csv", table)]
+    if _have_pyarrow():
+        files.append(
+            atomic_write(out / "results.parquet", lambda tmp: table.to_parquet(tmp, index=False))
+        )
+    files.append(log.path)
+    text = summary_markdown(table, accuracies, view=shown, notes=notes)
     files.append(_write_text(out / "summary.md", text))
-    files += draw_results(table, out, formats=formats)
+    files += draw_results(table, out, view=shown, formats=formats)
+    config["status"] = "complete"
     config["wall_time_s"] = time.perf_counter() - start
-    files.append(_write_text(out / "config.json", json.dumps(config, indent=2)))
+    files.append(_write_text(config_file, json.dumps(config, indent=2)))
     return ExperimentResult(
         out_dir=out,
         table=table,
@@ -658,12 +823,13 @@ def draw_results(
         panels per variant), ``heatmap.*`` and ``bn_vs_unitization.*`` (:func:`~ics_toolkit.plots.
         plot_compare`).
     """
-    from ics_toolkit.plots import plot_compare, plot_heatmap, plot_ics, save_figure
+    from ics_toolkit.plots import check_formats, plot_compare, plot_heatmap, plot_ics, save_figure
     from ics_toolkit.report import check_columns, default_quantity
 
     check_columns(df, ("step", "layer", "view", "quantity", "value"))
     if not formats:
         return []
+    formats = check_formats(formats)
     out = _prepare_out(out_dir)
     quantity = default_quantity(df, quantity)
     files: list[Path] = []
@@ -813,7 +979,8 @@ def sweep_dim(
     out_dir : str or Path
         Output folder (created): ``sweep.csv`` (the table, columns
         :data:`SWEEP_COLUMNS`), ``sweep_summary.md`` (log-log slopes against d),
-        ``config.json`` and ``bounds_vs_dim.png`` / ``.svg``.
+        ``config.json`` and ``bounds_vs_dim.png`` / ``.svg``, each written atomically;
+        an earlier sweep's files are replaced, a folder of :func:`run_main` is refused.
     dims : sequence of int
         Widths d.
     noises : sequence of float, optional
@@ -824,7 +991,8 @@ def sweep_dim(
     step_size : float
         Size of the fixed update.
     seed : int
-        Seed of the activations, update and noise (a private generator per d).
+        Seed (an integer in [0, 2**32)) of the activations, update and noise (a private
+        generator per d).
     quick : bool
         Small defaults for a smoke test.
     progress : bool
@@ -864,7 +1032,20 @@ def sweep_dim(
         raise ICSValueError(f"`n` must be at least 4, got {n}")
     if not (math.isfinite(step_size) and step_size > 0):
         raise ICSValueError(f"`step_size` must be a positive number, got {step_size!r}")
-    out = _prepare_out(out_dir)
+    seed = _seed(seed)
+    if formats:
+        from ics_toolkit.plots import check_formats
+
+        formats = check_formats(formats)
+    out = _prepare_out(out_dir, create=False)
+    if (out / "parts").is_dir() or (out / "training.csv").is_file():
+        raise ICSValueError(
+            f"`out_dir` {str(out)!r} holds a run of `ics-toolkit run`, whose config.json the "
+            "sweep would replace; choose another folder"
+        )
+    for stale in stale_temporaries(out, lambda n: _owned(n, _SWEEP_FILES, _SWEEP_FIGURES)):
+        stale.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
 
     rows: list[dict[str, Any]] = []
     for d in dims:
@@ -943,10 +1124,11 @@ def draw_sweep(
     list of Path
         The files written.
     """
-    from ics_toolkit.plots import plot_bounds_vs_dim, save_figure
+    from ics_toolkit.plots import check_formats, plot_bounds_vs_dim, save_figure
 
     if not formats:
         return []
+    formats = check_formats(formats)
     out = _prepare_out(out_dir)
     fig = plot_bounds_vs_dim(sweep_df)
     return save_figure(fig, out / "bounds_vs_dim", formats=formats, dpi=dpi)

@@ -50,7 +50,7 @@ from ics_toolkit.errors import (
     ICSWarning,
 )
 from ics_toolkit.recording import Recorder
-from ics_toolkit.results import ResultWriter, _frame
+from ics_toolkit.results import ResultStore
 from ics_toolkit.schedules import as_schedule
 from ics_toolkit.shift import MeasureConfig, StepCapture, _event, measure_step
 from ics_toolkit.sketch import SketchTransform
@@ -363,14 +363,8 @@ class ICSMonitor:
                 seed,
             )
 
-        self.writer = (
-            ResultWriter(path, format=format, run=run)
-            if path is not None and self._dist.measures
-            else None
-        )
-        self.run = self.writer.run if self.writer is not None else (run or "")
-        self._rows: list[dict[str, Any]] = []
-        self._frame_cache: Any = None
+        self._store = ResultStore(path if self._dist.measures else None, format=format, run=run)
+        self.run = self._store.run
         self._handles: list[Any] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._params = [p for p in model.parameters()]
@@ -620,22 +614,20 @@ class ICSMonitor:
         Columns are :data:`ics_toolkit.results.COLUMNS`; pivot with
         :func:`ics_toolkit.to_wide`. Warns when no step has been measured yet.
         """
-        if not self._rows and not self._dist.measures:
+        if not self._store and not self._dist.measures:
             warnings.warn(
                 f"this is rank {self._dist.rank}; results are kept by the measuring rank "
                 f"{self._dist.measuring_rank} only, so results() is empty here",
                 ICSWarning,
                 stacklevel=2,
             )
-        elif not self._rows:
+        elif not self._store:
             warnings.warn(
                 "no step measured yet; results() is empty (check `every` and attach())",
                 ICSWarning,
                 stacklevel=2,
             )
-        if self._frame_cache is None:
-            self._frame_cache = _frame({"run": self.run or None, **r} for r in self._rows)
-        return self._frame_cache.copy()
+        return self._store.frame()
 
     compute = results
 
@@ -693,7 +685,7 @@ class ICSMonitor:
 
     def reset(self) -> None:
         """Forget the rows kept in memory and the step count (files on disk are kept)."""
-        self._rows, self._frame_cache = [], None
+        self._store.clear()
         self.step_count = self.update_count = 0
         self._current = self._pending = None
 
@@ -758,10 +750,7 @@ class ICSMonitor:
         return all(torch.equal(v, p.detach()) for v, p in zip(values, self._params, strict=True))
 
     def _emit(self, rows: list[dict[str, Any]]) -> None:
-        self._rows.extend(rows)
-        self._frame_cache = None
-        if self.writer is not None:
-            self.writer.write(rows)
+        self._store.append(rows)
 
 
 def _has_sync_bn(model: nn.Module) -> bool:

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COLORS",
+    "check_formats",
     "plot_bounds_vs_dim",
     "plot_compare",
     "plot_heatmap",
@@ -667,6 +668,49 @@ def plot_bounds_vs_dim(
     return fig
 
 
+def check_formats(formats: Sequence[str], argument: str = "`formats`") -> tuple[str, ...]:
+    """Check figure formats against what matplotlib can write; returns them lower-cased.
+
+    Parameters
+    ----------
+    formats : sequence of str
+        File formats such as ``("png", "svg")`` (a leading dot is accepted).
+    argument : str
+        How an error message names the option.
+
+    Returns
+    -------
+    tuple of str
+        The formats, without dots, lower-cased, each once.
+
+    Raises
+    ------
+    ICSValueError
+        A format matplotlib cannot write (the message lists those it can), or a
+        value that is not a string.
+
+    Examples
+    --------
+    >>> check_formats(["PNG", ".svg"])
+    ('png', 'svg')
+    """
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if isinstance(formats, str):
+        formats = [formats]
+    supported = FigureCanvasBase.get_supported_filetypes()
+    out = []
+    for fmt in formats:
+        name = fmt.strip().lstrip(".").lower() if isinstance(fmt, str) else None
+        if name not in supported:
+            raise ICSValueError(
+                f"{argument}: matplotlib cannot write the format {fmt!r}; choose from "
+                f"{', '.join(sorted(supported))}"
+            )
+        out.append(name)
+    return tuple(dict.fromkeys(out))
+
+
 def save_figure(
     fig: Figure,
     path: str | os.PathLike[str],
@@ -695,6 +739,7 @@ def save_figure(
     """
     if not formats:
         raise ICSValueError("`formats` is empty; pass e.g. ('png', 'svg')")
+    formats = check_formats(formats)
     p = Path(path)
     if p.suffix.lstrip(".").lower() in {f.lower() for f in formats}:
         p = p.with_suffix("")

@@ -153,6 +153,9 @@ def _bad_cases(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     out = str(tmp_path / "out")
+    prior = tmp_path / "prior"  # the folder of an earlier run
+    (prior / "parts").mkdir(parents=True)
+    (prior / "config.json").write_text('{"experiment": "main"}')
     cases = [
         (["run", "--out", out, "--model", "vgg"], 2, r"argument --model: invalid choice: 'vgg'"),
         (["run", "--out", str(afile)], 1, r"--out '.*a_file' is a file; pass a folder"),
@@ -172,9 +175,25 @@ def _bad_cases(tmp_path):
         (["plot", str(empty), "--out", out], 1, r"holds no results.csv, sweep.csv"),
         (["sweep-dim", "--out", out, "--dims", "4,x"], 2, r"argument --dims: expected a comma"),
         (["sweep-dim", "--out", out, "--n", "2"], 1, r"`n` must be at least 4"),
+        (["run", "--out", out, "--seed", "-1"], 2, r"argument --seed: expected an integer from 0"),
+        (["sweep-dim", "--out", out, "--seed", "2**40"], 2, r"argument --seed: expected an"),
+        (
+            ["plot", str(empty), "--out", out, "--formats", "png,bmpx"],
+            1,
+            r"--formats: matplotlib cannot write the format 'bmpx'; choose from .*png",
+        ),
+        (["run", "--out", out, "--lr", "nan"], 1, r"`lr` must be a positive number, got nan"),
+        (
+            ["run", "--out", str(prior)],
+            1,
+            r"holds an earlier run \(config\.json\); pass --overwrite",
+        ),
+        (["sweep-dim", "--out", str(prior)], 1, r"holds a run of `ics-toolkit run`"),
     ]
     if not torch.cuda.is_available():
         cases.append((["run", "--out", out, "--device", "cuda"], 1, r"--device 'cuda' asks for"))
+    if not torch.backends.mps.is_available():
+        cases.append((["run", "--out", out, "--device", "mps"], 1, r"--device 'mps' asks for"))
     return cases
 
 

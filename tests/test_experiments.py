@@ -133,11 +133,24 @@ def test_run_main_is_reproducible_and_replaces_its_parts(tiny_run, tmp_path):
     a = tiny_run.table[cols].dropna(subset=["layer"]).reset_index(drop=True)
     b = again.table[cols].dropna(subset=["layer"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-6)
-    # a shorter re-run of one variant into the same folder replaces that variant's parts only
-    run_main(tmp_path, norms="none", **{**TINY, "steps": 3})
+    # a re-run into the same folder is refused: its variants would mix with the old ones
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(ICSValueError, match=r"holds an earlier run .*pass --overwrite"):
+        run_main(tmp_path, norms="none", **{**TINY, "steps": 3})
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing touched
+    # --overwrite removes what the earlier run owned (stale temporaries too), nothing else
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / ".results.csv.tmp").write_text("half a tab")
+    (tmp_path / "parts" / ".part-batch-000009-r3-c00000000.csv.tmp").write_text("half")
+    res = run_main(tmp_path, norms="none", overwrite=True, **{**TINY, "steps": 3})
     parts = sorted(p.name for p in (tmp_path / "parts").iterdir())
-    assert sum(p.startswith("part-none-") for p in parts) == 1
-    assert sum(p.startswith("part-batch-") for p in parts) == 2
+    assert len(parts) == 1 and parts[0].startswith("part-none-")
+    assert set(ics.load_results(tmp_path / "results.csv").run) == {"none"}
+    assert set(ics.load_results(tmp_path / "parts").run) == {"none"}
+    assert set(pd.read_csv(tmp_path / "training.csv").run) == {"none"}
+    assert set(res.table.run) == {"none"}
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 def test_run_main_rejects_bad_options(tmp_path):
