@@ -149,7 +149,7 @@ def _gradient_fails(monitor, model, tmp_path):
 FAILURES = {
     "probe": (_probe_fails, "a probe pass: RuntimeError", "probe pass exploded"),
     "schedule": (_schedule_fails, "the schedule: ZeroDivisionError", "schedule exploded"),
-    "writer": (_writer_fails, "writing results: OSError", "directory"),
+    "writer": (_writer_fails, "writing results: NotADirectoryError", "directory"),
     "analysis": (_analysis_fails, "the analysis: ValueError", "analysis exploded"),
     "gradient": (_gradient_fails, "the gradient ICS: ArithmeticError", "loss exploded"),
 }
