@@ -21,6 +21,7 @@ import re
 import uuid
 import warnings
 import zlib
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -287,7 +288,10 @@ class ResultStore:
         self.writer = ResultWriter(path, format=format, run=run) if path is not None else None
         self.run: str = self.writer.run if self.writer is not None else (run or "")
         self._pending: list[dict[str, Any]] = []  # rows not yet in a part / in the table
-        self._unread: list[Path] = []  # parts written, not yet read into the table
+        # parts written and not yet read into the table: their marks, 8 bytes each
+        # (rows << 32 | crc), numbered on from self._first; names are rebuilt from them
+        self._unread = array("Q")
+        self._first = 0
         self._table: pd.DataFrame | None = None  # everything read / typed so far
         self._count = 0
 
@@ -309,8 +313,11 @@ class ResultStore:
         if self.writer is not None:
             part = self.writer.write(self._pending)
             self._pending = []
-            if part is not None:
-                self._unread.append(part)
+            mark = _PART.match(part.name) if part is not None else None
+            if mark is not None:
+                if not self._unread:
+                    self._first = int(mark["index"])
+                self._unread.append(int(mark["rows"]) << 32 | int(mark["crc"], 16))
 
     def frame(self) -> pd.DataFrame:
         """The whole table (a new DataFrame, :data:`COLUMNS`), in the order appended.
@@ -320,9 +327,11 @@ class ResultStore:
         read again.
         """
         new = [
-            df for df in (_read_or_skip(p, strict=False) for p in self._unread) if df is not None
+            df
+            for df in (_read_or_skip(p, strict=False) for p in self._unread_parts())
+            if df is not None
         ]
-        self._unread = []
+        self._unread = array("Q")
         if self.writer is None and self._pending:
             new.append(_frame(self._pending))
             self._pending = []
@@ -333,9 +342,19 @@ class ResultStore:
             return _concat([table, _frame(self._pending)]).copy()
         return table.copy()
 
+    def _unread_parts(self) -> list[Path]:
+        w = self.writer
+        if w is None:
+            return []
+        return [
+            w.path
+            / f"part-{w.run}-{self._first + i:06d}-r{m >> 32}-c{m & 0xFFFFFFFF:08x}.{w.format}"
+            for i, m in enumerate(self._unread)
+        ]
+
     def clear(self) -> None:
         """Forget every row (part files on disk are kept; new parts are numbered on)."""
-        self._pending, self._unread, self._table = [], [], None
+        self._pending, self._unread, self._table = [], array("Q"), None
         self._count = 0
 
 
