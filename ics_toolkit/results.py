@@ -161,6 +161,26 @@ def _read_or_skip(f: Path, strict: bool) -> pd.DataFrame | None:
         return None
 
 
+def _read_many(files: Iterable[Path], strict: bool, chunk: int = 256) -> list[pd.DataFrame]:
+    """Read parts (skipping or raising on unreadable ones), concatenated ``chunk`` at a time.
+
+    Joining as it goes keeps one small DataFrame per part from piling up: the memory
+    a long run's read-back needs stays near the size of the table itself.
+    """
+    done: list[pd.DataFrame] = []
+    batch: list[pd.DataFrame] = []
+    for f in files:
+        df = _read_or_skip(f, strict)
+        if df is not None:
+            batch.append(df)
+        if len(batch) >= chunk:
+            done.append(_concat(batch))
+            batch = []
+    if batch:
+        done.append(_concat(batch))
+    return done
+
+
 def _sort(df: pd.DataFrame) -> pd.DataFrame:
     df = df.sort_values(["run", "step"], kind="stable", na_position="first")
     return df.reset_index(drop=True)
@@ -326,11 +346,7 @@ class ResultStore:
         with an :class:`~ics_toolkit.errors.ICSRuntimeWarning`); earlier ones are not
         read again.
         """
-        new = [
-            df
-            for df in (_read_or_skip(p, strict=False) for p in self._unread_parts())
-            if df is not None
-        ]
+        new = _read_many(self._unread_parts(), strict=False)
         self._unread = array("Q")
         if self.writer is None and self._pending:
             new.append(_frame(self._pending))
@@ -392,7 +408,7 @@ def load_results(path: str | os.PathLike[str], *, strict: bool = False) -> pd.Da
         files = sorted(f for f in p.iterdir() if _PART.match(f.name) and f.is_file())
         if not files:
             raise ICSValueError(f"no result parts (part-*.csv or part-*.parquet) in {str(p)!r}")
-        frames = [df for df in (_read_or_skip(f, strict) for f in files) if df is not None]
+        frames = _read_many(files, strict)
         if not frames:
             raise ICSValueError(
                 f"none of the {len(files)} result part(s) in {str(p)!r} could be read"
