@@ -1040,8 +1040,8 @@ def sweep_dim(
     out = _prepare_out(out_dir, create=False)
     if (out / "parts").is_dir() or (out / "training.csv").is_file():
         raise ICSValueError(
-            f"`out_dir` {str(out)!r} holds a run of `ics-toolkit run`, whose config.json the "
-            "sweep would replace; choose another folder"
+            f"the output folder {str(out)!r} holds a run of `ics-toolkit run`, whose config.json "
+            "the sweep would replace; choose another folder"
         )
     for stale in stale_temporaries(out, lambda n: _owned(n, _SWEEP_FILES, _SWEEP_FIGURES)):
         stale.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ import re
 import uuid
 import warnings
 import zlib
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -161,6 +162,26 @@ def _read_or_skip(f: Path, strict: bool) -> pd.DataFrame | None:
         return None
 
 
+def _read_many(files: Iterable[Path], strict: bool, chunk: int = 256) -> list[pd.DataFrame]:
+    """Read parts (skipping or raising on unreadable ones), concatenated ``chunk`` at a time.
+
+    Joining as it goes keeps one small DataFrame per part from piling up: the memory
+    a long run's read-back needs stays near the size of the table itself.
+    """
+    done: list[pd.DataFrame] = []
+    batch: list[pd.DataFrame] = []
+    for f in files:
+        df = _read_or_skip(f, strict)
+        if df is not None:
+            batch.append(df)
+        if len(batch) >= chunk:
+            done.append(_concat(batch))
+            batch = []
+    if batch:
+        done.append(_concat(batch))
+    return done
+
+
 def _sort(df: pd.DataFrame) -> pd.DataFrame:
     df = df.sort_values(["run", "step"], kind="stable", na_position="first")
     return df.reset_index(drop=True)
@@ -288,7 +309,10 @@ class ResultStore:
         self.writer = ResultWriter(path, format=format, run=run) if path is not None else None
         self.run: str = self.writer.run if self.writer is not None else (run or "")
         self._pending: list[dict[str, Any]] = []  # rows not yet in a part / in the table
-        self._unread: list[Path] = []  # parts written, not yet read into the table
+        # parts written and not yet read into the table: their marks, 8 bytes each
+        # (rows << 32 | crc), numbered on from self._first; names are rebuilt from them
+        self._unread = array("Q")
+        self._first = 0
         self._table: pd.DataFrame | None = None  # everything read / typed so far
         self._count = 0
 
@@ -310,8 +334,11 @@ class ResultStore:
         if self.writer is not None:
             part = self.writer.write(self._pending)
             self._pending = []
-            if part is not None:
-                self._unread.append(part)
+            mark = _PART.match(part.name) if part is not None else None
+            if mark is not None:
+                if not self._unread:
+                    self._first = int(mark["index"])
+                self._unread.append(int(mark["rows"]) << 32 | int(mark["crc"], 16))
 
     def frame(self) -> pd.DataFrame:
         """The whole table (a new DataFrame, :data:`COLUMNS`), in the order appended.
@@ -320,10 +347,8 @@ class ResultStore:
         with an :class:`~ics_toolkit.errors.ICSRuntimeWarning`); earlier ones are not
         read again.
         """
-        new = [
-            df for df in (_read_or_skip(p, strict=False) for p in self._unread) if df is not None
-        ]
-        self._unread = []
+        new = _read_many(self._unread_parts(), strict=False)
+        self._unread = array("Q")
         if self.writer is None and self._pending:
             new.append(_frame(self._pending))
             self._pending = []
@@ -334,9 +359,19 @@ class ResultStore:
             return _concat([table, _frame(self._pending)]).copy()
         return table.copy()
 
+    def _unread_parts(self) -> list[Path]:
+        w = self.writer
+        if w is None:
+            return []
+        return [
+            w.path
+            / f"part-{w.run}-{self._first + i:06d}-r{m >> 32}-c{m & 0xFFFFFFFF:08x}.{w.format}"
+            for i, m in enumerate(self._unread)
+        ]
+
     def clear(self) -> None:
         """Forget every row (part files on disk are kept; new parts are numbered on)."""
-        self._pending, self._unread, self._table = [], [], None
+        self._pending, self._unread, self._table = [], array("Q"), None
         self._count = 0
 
 
@@ -374,7 +409,7 @@ def load_results(path: str | os.PathLike[str], *, strict: bool = False) -> pd.Da
         files = sorted(f for f in p.iterdir() if _PART.match(f.name) and f.is_file())
         if not files:
             raise ICSValueError(f"no result parts (part-*.csv or part-*.parquet) in {str(p)!r}")
-        frames = [df for df in (_read_or_skip(f, strict) for f in files) if df is not None]
+        frames = _read_many(files, strict)
         if not frames:
             raise ICSValueError(
                 f"none of the {len(files)} result part(s) in {str(p)!r} could be read"
