@@ -40,6 +40,8 @@ from ics_toolkit import _checks, _exchange, _probe, _vocab, distributed
 from ics_toolkit._gradient_rows import gradient_rows
 from ics_toolkit._memory import WORKING_COPIES, memory_plan
 from ics_toolkit._norm_snapshot import bound_layer
+from ics_toolkit._reuse import read_state
+from ics_toolkit._worker import AnalysisWorker
 from ics_toolkit.bounding import RTOL
 from ics_toolkit.errors import (
     ICSRuntimeWarning,
@@ -166,6 +168,16 @@ class ICSMonitor:
         Seconds a gather may wait for the other ranks; past it (or when a rank died)
         the step is recorded as ``gather_failed`` and gathering stops, instead of
         hanging.
+    reuse_probe : bool
+        When steps t and t+1 are both measured, reuse the probe pass after step t as
+        the one before step t+1 if nothing it reads changed in between (parameter and
+        buffer version counters; see :mod:`ics_toolkit._reuse`): one probe pass less
+        per consecutive measured step, the same numbers.
+    worker : bool, optional
+        Run the analysis of a measured step on a background thread while training
+        goes on (:mod:`ics_toolkit._worker`); its rows appear at the next measured
+        step, :meth:`results` or :meth:`detach`. Default (None): on when the model is
+        on a CUDA device, off otherwise. The trajectory is the same to the bit.
 
     Notes
     -----
@@ -239,6 +251,8 @@ class ICSMonitor:
         gather: bool = False,
         group: Any = None,
         gather_timeout: float = 300.0,
+        reuse_probe: bool = True,
+        worker: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ICSTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -337,6 +351,11 @@ class ICSMonitor:
         self.update_count = 0
         self._current: int | None = None  # step index between before_step and after_step
         self._pending: dict[str, Any] | None = None  # the cached capture at step t
+        self._reuse_probe = _checks.boolean(reuse_probe, "reuse_probe")
+        self._carry: tuple[int, StepCapture, Any] | None = None  # capture after step t
+        if worker is None:
+            worker = device is not None and device.type == "cuda"
+        self._worker = AnalysisWorker() if _checks.boolean(worker, "worker") else None
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -381,6 +400,8 @@ class ICSMonitor:
         self._optimizer = None
         self._pending = None
         self._current = None
+        self._carry = None
+        self._flush()
 
     @property
     def attached(self) -> bool:
@@ -404,8 +425,12 @@ class ICSMonitor:
         if not self.schedule(self._current) or not self._dist.captures or self._dist_broken:
             return
         start = time.perf_counter()
+        carry, self._carry = self._carry, None
         try:
-            before = self._capture()
+            if carry is not None and carry[0] == self._current and carry[2] == self._read_state():
+                before = carry[1]  # the probe pass after the last step: nothing changed since
+            else:
+                before = self._capture()
         except Exception as err:
             if not self._dist.exchanges:
                 raise
@@ -449,6 +474,8 @@ class ICSMonitor:
             return
         start = time.perf_counter()
         after = self._capture()
+        if self._reuse_probe and self.schedule(step + 1):
+            self._carry = (step + 1, after, self._read_state())
         self._measure(step, pending, pending["capture"], after, start)
 
     def _measure(
@@ -460,30 +487,66 @@ class ICSMonitor:
         start: float,
     ) -> None:
         keys = [k for k in before.tensors if self._measured(k)]
-        rows = measure_step(step, before, after, self.config, keys)
-        if self.gradient:
-            rows.extend(
-                gradient_rows(
-                    step,
-                    self.model,
-                    self.recorder.runner,
-                    self.loss_fn,  # type: ignore[arg-type]
-                    self.probe,
-                    self.targets,
-                    pending["params"],
-                    mode=self._train_mode,
-                    seed=self.config.seed,
-                )
+        rows: list[dict[str, Any]] = []
+        if self.gradient:  # a forward-backward of the model: here, between the steps
+            rows = gradient_rows(
+                step,
+                self.model,
+                self.recorder.runner,
+                self.loss_fn,  # type: ignore[arg-type]
+                self.probe,
+                self.targets,
+                pending["params"],
+                mode=self._train_mode,
+                seed=self.config.seed,
             )
-        rows.append(  # everything the monitor spent on this step, both probe passes included
-            {
-                **_event(step, None, "measure_time_s", ""),
-                "value": time.perf_counter() - start + pending.get("seconds", 0.0),
-                "warning": None,
-            }
-        )
+        spent = time.perf_counter() - start + pending.get("seconds", 0.0)
+
+        def analyse() -> list[dict[str, Any]]:
+            begin = time.perf_counter()
+            out = measure_step(step, before, after, self.config, keys) + rows
+            out.append(  # what the monitor spent on this step, both probe passes included
+                {
+                    **_event(step, None, "measure_time_s", ""),
+                    "value": spent + time.perf_counter() - begin,
+                    "warning": None,
+                }
+            )
+            return out
+
+        if self._worker is None:
+            try:
+                result = analyse()
+            except Exception as err:
+                self._failed(step, "analysis", err)
+                return
+            self.update_count += 1
+            self._emit(result)
+            return
         self.update_count += 1
-        self._emit(rows)
+        self._flush()  # the previous analysis first: rows stay in step order
+        self._worker.submit(step, analyse)
+
+    def _flush(self) -> None:
+        """Hand back the worker's finished analyses, in step order (waits for them)."""
+        if self._worker is None or not self._worker.pending:
+            return
+
+        def handle(step: int, rows: Any, error: BaseException | None) -> None:
+            if error is not None:
+                self._failed(step, "analysis", error)
+            else:
+                self._emit(rows)
+
+        self._worker.drain(handle)
+
+    def _failed(self, step: int, stage: str, err: BaseException) -> None:
+        """Every error of a measured step's analysis comes here (today: re-raised).
+
+        ``stage`` names the part that failed (``"analysis"``). The single place where
+        a policy for measurement errors (warn and go on, record an event) plugs in.
+        """
+        raise err
 
     def abort_step(self, reason: str = "the training step raised") -> None:
         """Drop the open step without measuring it, recording an ``aborted`` event.
@@ -535,6 +598,7 @@ class ICSMonitor:
         Columns are :data:`ics_toolkit.results.COLUMNS`; pivot with
         :func:`ics_toolkit.to_wide`. Warns when no step has been measured yet.
         """
+        self._flush()
         if not self._rows and not self._dist.measures:
             warnings.warn(
                 f"this is rank {self._dist.rank}; results are kept by the measuring rank "
@@ -608,9 +672,10 @@ class ICSMonitor:
 
     def reset(self) -> None:
         """Forget the rows kept in memory and the step count (files on disk are kept)."""
+        self._flush()
         self._rows, self._frame_cache = [], None
         self.step_count = self.update_count = 0
-        self._current = self._pending = None
+        self._current = self._pending = self._carry = None
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
@@ -630,6 +695,9 @@ class ICSMonitor:
     def _measured(self, key: str) -> bool:
         is_input = key.endswith(":input")
         return (self.where == "both") or (is_input == (self.where == "input"))
+
+    def _read_state(self) -> Any:
+        return read_state(self.model, self._train_mode)
 
     def _snapshots(self, module: nn.Module) -> bool:
         """Whether the normalized values of ``module`` are recomputed (for U3 / U5)."""
