@@ -224,4 +224,5 @@ def test_one_pass_kernels_equal_the_direct_formulas():
     ]
     reference = bounding._u3(*norm_pair(snaps[0], snaps[1], "flatten", {}))
     stored = bounding._u3_stored(xa, xb, (wa, wb), (ba, bb))
-    assert stored == pytest.approx(reference, rel=1e-12)
+    # summation order only, amplified by the cancellation in d - c: far below 1e-9
+    assert stored == pytest.approx(reference, rel=1e-10)
