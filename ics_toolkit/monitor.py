@@ -39,7 +39,7 @@ from torch import nn
 from ics_toolkit import _checks, _exchange, _probe, _vocab, distributed
 from ics_toolkit._gradient_rows import gradient_rows
 from ics_toolkit._memory import WORKING_COPIES, memory_plan
-from ics_toolkit._norm_snapshot import bound_layer
+from ics_toolkit._norm_snapshot import HatTransform, bound_layer
 from ics_toolkit._reuse import read_state
 from ics_toolkit._worker import AnalysisWorker
 from ics_toolkit.bounding import RTOL
@@ -332,6 +332,9 @@ class ICSMonitor:
         if sketch is not None:
             axes = {name: axes[0] for name, _, axes in self.recorder.selected()}
             self.recorder.transform = SketchTransform(sketch, seed, axes)
+        elif where == "output" and self.config.bounds:  # inputs kept only for x_hat
+            modules = {name: module for name, module, _ in self.recorder.selected()}
+            self.recorder.transform = HatTransform(modules, mode, capture_dtype)
         self._train_mode = mode
         if self._dist.captures:
             _probe.check_probe(self.recorder, self.probe)

@@ -226,3 +226,28 @@ def test_one_pass_kernels_equal_the_direct_formulas():
     stored = bounding._u3_stored(xa, xb, (wa, wb), (ba, bb))
     # summation order only, amplified by the cancellation in d - c: far below 1e-9
     assert stored == pytest.approx(reference, rel=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_normalized_values_taken_in_the_hook_equal_the_recomputed_ones(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.BatchNorm1d(144)
+    )
+    model[1].running_mean.normal_()  # eval mode reads these
+    probe = torch.randn(10, 2, 8, 8)
+    hooked = ics.ICSMonitor(model, probe, mode=mode)
+    assert hooked.recorder.transform is not None
+    plain = ics.ICSMonitor(model, probe, mode=mode)
+    plain.recorder.transform = None  # store the inputs, recompute after the pass
+    a, b = hooked._capture(), plain._capture()
+    assert a.norms.keys() == b.norms.keys() == {"1", "4"}
+    for key in a.norms:
+        assert torch.equal(a.norms[key].x_hat, b.norms[key].x_hat), key
+        assert torch.equal(a.norms[key].weight, b.norms[key].weight)
+    assert a.tensors.keys() == b.tensors.keys() == {"1", "4"}
+    rows_a = shift.measure_step(0, a, a, hooked.config)
+    rows_b = shift.measure_step(0, b, b, plain.config)
+    assert [(r["quantity"], r["value"]) for r in rows_a] == [
+        (r["quantity"], r["value"]) for r in rows_b
+    ]
