@@ -137,6 +137,30 @@ def one_run(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def idle_hooks(args: argparse.Namespace) -> float:
+    """Seconds of the two optimizer hooks of an unscheduled step (too small to see reliably
+    in whole-run timings on a shared machine), timed directly in this process."""
+    import torch
+
+    import ics_toolkit as ics
+    from ics_toolkit.models import SmallCNN
+
+    device = torch.device(args.device)
+    model = SmallCNN(3, 10, width=args.width, seed=0).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    idle = ics.ICSMonitor(model, make_data(8, seed=7, device=device)[0], every=[10**9])
+    idle.attach(opt)
+    hooks = list(opt._optimizer_step_pre_hooks.values())
+    hooks += list(opt._optimizer_step_post_hooks.values())
+    calls = 10000
+    start = time.perf_counter()
+    for _ in range(calls):
+        for hook in hooks:
+            hook(opt, (), {})
+    idle.detach()
+    return (time.perf_counter() - start) / calls
+
+
 def spawn(variant: str, args: argparse.Namespace, device: str | None = None) -> dict[str, Any]:
     """One run in a fresh process (importing ics_toolkit from --baseline for @before)."""
     env = dict(os.environ)
@@ -210,6 +234,12 @@ def main() -> None:
     )
 
     train_step = plain_med / args.steps
+    hooks = idle_hooks(args)
+    print(
+        f"idle hooks, timed directly: {hooks * 1e6:.1f} us per optimizer step = "
+        f"{hooks / train_step * 100:.4f} % of a training step (ratio "
+        f"{1 + hooks / train_step:.5f}x; goal <= 1.01x)"
+    )
     print(
         f"\none training step: {train_step * 1e3:.0f} ms. A measured step (ms, median over "
         "rounds and over the measured steps after the first):"

@@ -304,6 +304,7 @@ def _measure_groups(
                     config.options[method],
                     config.n_projections,
                     config.seed,
+                    row_norms=g["norms"],
                 )
             except ICSError as err:  # e.g. a problem too large for the exact solver
                 g["rows"].append(_row("estimate", method, math.nan, warning=str(err)))
