@@ -26,10 +26,12 @@ steps cost one counter increment and one schedule call.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -359,6 +361,8 @@ class ICSMonitor:
         if worker is None:
             worker = device is not None and device.type == "cuda"
         self._worker = AnalysisWorker() if _checks.boolean(worker, "worker") else None
+        if self._worker is not None:  # the end of the run hands back what is still queued
+            atexit.register(_flush_at_exit, weakref.ref(self))
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -748,6 +752,12 @@ class ICSMonitor:
             self.writer.write(rows)
 
 
+def _flush_at_exit(ref: Callable[[], ICSMonitor | None]) -> None:
+    monitor = ref()
+    if monitor is not None and monitor._worker is not None:
+        monitor._flush()
+
+
 def _has_sync_bn(model: nn.Module) -> bool:
     return any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
 
@@ -763,8 +773,6 @@ class _PreHook:
     """Optimizer step pre-hook: opens the step (a small object, so optimizers stay picklable)."""
 
     def __init__(self, monitor: ICSMonitor) -> None:
-        import weakref
-
         self._monitor = weakref.ref(monitor)
 
     def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
