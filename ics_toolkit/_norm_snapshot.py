@@ -91,6 +91,75 @@ def norm_snapshot(module: nn.Module, x: torch.Tensor, *, training: bool) -> Norm
     )
 
 
+def batchnorm_hat(module: nn.Module, x: torch.Tensor, *, training: bool) -> torch.Tensor:
+    """A BatchNorm layer's normalized values on ``x``, in ``x``'s dtype (float32 at least).
+
+    The same operations as :func:`ics_toolkit.nn.normalized` (so the same bits), without
+    its input checks and the norms ``s`` that BatchNorm's bound does not use: this runs
+    inside the capture hook on the layer's live input.
+    """
+    from ics_toolkit.nn.functional import _batch_stats
+
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    with torch.no_grad(), no_autocast(x.device):
+        xd = x.detach().to(torch.float32) if low else x.detach()
+        if training or module.running_mean is None:
+            mean, var = _batch_stats(xd)
+        else:
+            mean = module.running_mean.to(xd.dtype)
+            var = module.running_var.to(xd.dtype)
+        shape = (1, xd.shape[1]) + (1,) * (xd.dim() - 2)
+        x_hat = (xd - mean.view(shape)) * torch.rsqrt(var.view(shape) + float(module.eps))
+    return x_hat.to(x.dtype) if low else x_hat
+
+
+class HatTransform:
+    """Recorder transform: a BatchNorm layer's captured input becomes its normalized values.
+
+    The monitor captures bound layers' inputs only to recompute what they normalized;
+    doing it in the hook, on the live input, stores ``x_hat`` instead of a copy of the
+    input that would be read again right after the pass. Other keys pass unchanged.
+    ``dtype`` is the storage dtype: the input is rounded to it first, as a stored
+    input would be.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], mode: str, dtype: torch.dtype) -> None:
+        from torch.nn.modules.batchnorm import _BatchNorm
+
+        self.modules = {k: m for k, m in modules.items() if isinstance(m, _BatchNorm)}
+        self.mode, self.dtype = mode, dtype
+
+    def __call__(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        if not key.endswith(":input"):
+            return x
+        module = self.modules.get(key[: -len(":input")].split("#")[0])
+        if module is None:
+            return x
+        training = module.training if self.mode == "keep" else self.mode == "train"
+        return batchnorm_hat(module, x.to(self.dtype), training=training)
+
+    def hat_keys(self, keys: list[str]) -> set[str]:
+        """The input keys among ``keys`` that hold normalized values."""
+        return {
+            k
+            for k in keys
+            if k.endswith(":input") and k[: -len(":input")].split("#")[0] in self.modules
+        }
+
+
+def snapshot_from_hat(module: nn.Module, x_hat: torch.Tensor) -> NormSnapshot:
+    """The snapshot of a BatchNorm layer whose normalized values were taken in the hook."""
+    return NormSnapshot(
+        x_hat=x_hat,
+        weight=_vector(module.weight),
+        bias=_vector(module.bias),
+        alpha=None,
+        k=1.0,
+        eps=float(module.eps),
+        form="batchnorm",
+    )
+
+
 def _param_rows(p: torch.Tensor | None, shape: Sequence[int], name: str, d: int) -> Any:
     """A per-channel (C,) vector as a float64 (d,) vector laid out like one row of the view."""
     if p is None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ics_toolkit._failsafe import isolated_rng
-from ics_toolkit._norm_snapshot import norm_snapshot
+from ics_toolkit._norm_snapshot import HatTransform, norm_snapshot, snapshot_from_hat
 from ics_toolkit.errors import ICSError, ICSTypeError, ICSValueError
 from ics_toolkit.recording import Recorder
 
@@ -108,12 +108,17 @@ def capture(
     info = recorder.info
     norms = {}
     training = mode == "train"
+    transform = recorder.transform
+    hats = transform.hat_keys(list(tensors)) if isinstance(transform, HatTransform) else set()
     for key, inf in info.items():
         if not key.endswith(":input") or not snapshots(inf.module):
             continue
         if mode == "keep":
             training = inf.module.training
-        snap = norm_snapshot(inf.module, tensors[key], training=training)
+        if key in hats:  # normalized in the hook already
+            snap = snapshot_from_hat(inf.module, tensors[key])
+        else:
+            snap = norm_snapshot(inf.module, tensors[key], training=training)
         if snap is not None:
             norms[key[: -len(":input")]] = snap
     for key in [k for k in tensors if k.endswith(":input") and not measured(k)]:

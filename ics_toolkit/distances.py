@@ -412,7 +412,11 @@ def _check_memory(n: int, m: int, per_cell: int, limit: float, method: str) -> N
 _CANCELLATION = 1e-3
 
 
-def _euclidean_cost(tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
+def _euclidean_cost(
+    tx: torch.Tensor,
+    ty: torch.Tensor,
+    row_norms: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Pairwise Euclidean distances, fast (one GEMM) and accurate for nearly equal points.
 
     The expansion ``|x|^2 + |y|^2 - 2<x, y>`` is a matrix product (5-10x faster than
@@ -420,16 +424,19 @@ def _euclidean_cost(tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
     typical ICS case of a small training step (row i before and after the step). So
     samples with a dominant common offset are centered first, and entries in danger
     are recomputed directly from differences of the original rows; if there are many,
-    every pair is differenced.
+    every pair is differenced. ``row_norms`` (||x_i||, ||y_j||) reuse what a caller has.
     """
     center = tx.mean(dim=0)
-    xx = torch.linalg.vector_norm(tx, dim=1).square_()
+    if row_norms is None:
+        row_norms = (torch.linalg.vector_norm(tx, dim=1), torch.linalg.vector_norm(ty, dim=1))
+    xx = row_norms[0].square()
     if float(center.square().sum()) > 0.25 * float(xx.mean()):  # an offset dominates
         cx, cy = tx - center, ty - center
         xx = torch.linalg.vector_norm(cx, dim=1).square_()
+        yy = torch.linalg.vector_norm(cy, dim=1).square_()
     else:  # centering would cost two copies of the samples for no accuracy
         cx, cy = tx, ty
-    yy = torch.linalg.vector_norm(cy, dim=1).square_()
+        yy = row_norms[1].square()
     scale = xx[:, None] + yy[None, :]
     d2 = torch.addmm(scale, cx, cy.T, alpha=-2.0)
     near = d2 < _CANCELLATION * scale
@@ -457,7 +464,10 @@ def _base_log(method: str, tx: torch.Tensor, ty: torch.Tensor) -> dict[str, Any]
 
 
 def _exact(
-    tx: torch.Tensor, ty: torch.Tensor, opts: dict[str, Any]
+    tx: torch.Tensor,
+    ty: torch.Tensor,
+    opts: dict[str, Any],
+    row_norms: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[float, dict[str, Any]]:
     n, m = tx.shape[0], ty.shape[0]
     info = _base_log("exact", tx, ty)
@@ -470,7 +480,7 @@ def _exact(
     ot = import_ot()  # lazily: importing POT is slow and may touch the GPU
 
     num_iter = opts["numItermax"] or default_num_iter_max(n, m)
-    cost = _euclidean_cost(tx, ty).cpu().numpy()
+    cost = _euclidean_cost(tx, ty, row_norms).cpu().numpy()
     a = np.full(n, 1.0 / n)
     b = np.full(m, 1.0 / m)
     with warnings.catch_warnings():
@@ -710,15 +720,18 @@ def _kernel(
     n_projections: int,
     seed: int,
     names: tuple[str, str] = ("x", "y"),
+    row_norms: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[Value, dict[str, Any]]:
     """One pair of checked, finite tensors, any method (``exact``/``sinkhorn``: float64).
+
+    ``row_norms`` (||x_i||, ||y_j||), when a caller has them, spare ``exact`` a pass.
 
     The engine's entry below the argument checks: :func:`wasserstein` checks and
     converts, then comes here; the monitor, whose configuration was checked once when
     it was built, calls it directly.
     """
     if method == "exact":
-        return _exact(tx, ty, dict(opts))
+        return _exact(tx, ty, dict(opts), row_norms)
     if method == "sinkhorn":
         return _sinkhorn(tx, ty, dict(opts))
     dtype = opts.get("dtype") or tx.dtype

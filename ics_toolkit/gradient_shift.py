@@ -42,11 +42,10 @@ def weighted_layers(model: nn.Module) -> list[str]:
 
 
 def _call(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return torch.func.functional_call(model, dict(params), args=(), kwargs=dict(inputs))
-    if isinstance(inputs, tuple):
-        return torch.func.functional_call(model, dict(params), args=inputs)
-    return torch.func.functional_call(model, dict(params), args=(inputs,))
+    from ics_toolkit.recording import _as_call  # the probe forms, read in one place
+
+    args, kwargs = _as_call(inputs)
+    return torch.func.functional_call(model, dict(params), args=args, kwargs=kwargs)
 
 
 def gradient_ics(

@@ -13,8 +13,6 @@ from ics_toolkit._arrays import ArrayLike, as_pair
 
 __all__ = ["moment_drift"]
 
-_BLOCK_VALUES = 2**18
-
 
 def moment_drift(x: ArrayLike, y: ArrayLike) -> dict[str, float]:
     """Change of per-coordinate moments between two samples.
@@ -45,17 +43,36 @@ def moment_drift(x: ArrayLike, y: ArrayLike) -> dict[str, float]:
     return _drift(tx, ty)
 
 
-def _column_moments(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-column mean, biased variance and central fourth moment of a checked (n, d) tensor."""
-    mu = t.mean(dim=0)
-    var, m4 = torch.empty_like(mu), torch.empty_like(mu)
-    # column blocks of ~2 MiB: wide layers never need a second (n, d) temporary
-    width = max(1, _BLOCK_VALUES // t.shape[0])
-    for lo in range(0, t.shape[1], width):
-        c2 = (t[:, lo : lo + width] - mu[lo : lo + width]).square_()
-        var[lo : lo + width] = c2.mean(dim=0)
-        m4[lo : lo + width] = c2.square_().mean(dim=0)
-    return mu, var, m4
+#: Rows per block of the one-pass column reductions: blocks of a few rows of a wide
+#: layer stay in cache, and summing whole contiguous rows is several times faster on a
+#: CPU than reducing strided column blocks.
+_ROW_BLOCK_VALUES = 2**18
+
+
+def _row_blocks(t: torch.Tensor) -> range:
+    return range(0, t.shape[0], max(1, _ROW_BLOCK_VALUES // max(1, t.shape[1])))
+
+
+def _column_moments(
+    t: torch.Tensor, higher: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-column mean, biased variance and central fourth moment of a checked (n, d) tensor.
+
+    One pass for the mean, one for the centred powers, in row blocks (the working
+    memory is one block, whatever n). ``higher=False`` stops after the mean.
+    """
+    n = t.shape[0]
+    step = _row_blocks(t).step
+    mu = t.sum(dim=0) / n
+    if not higher:
+        return mu, None, None
+    var, m4 = torch.zeros_like(mu), torch.zeros_like(mu)
+    buf = torch.empty((min(step, n), t.shape[1]), dtype=t.dtype, device=t.device)
+    for lo in range(0, n, step):
+        c2 = torch.sub(t[lo : lo + step], mu, out=buf[: min(step, n - lo)]).square_()
+        var += c2.sum(dim=0)
+        m4 += c2.square_().sum(dim=0)
+    return mu, var / n, m4 / n
 
 
 def _drift(
@@ -70,6 +87,7 @@ def _drift(
     computed already.
     """
     (mx, vx, kx), (my, vy, ky) = moments or (_column_moments(tx), _column_moments(ty))
+    assert vx is not None and kx is not None and vy is not None and ky is not None
     if row_norms is None:
         row_norms = (torch.linalg.vector_norm(tx, dim=1), torch.linalg.vector_norm(ty, dim=1))
     nx, ny = (r.var(unbiased=False) for r in row_norms)

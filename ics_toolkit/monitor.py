@@ -27,10 +27,12 @@ own work never breaks training either (``on_error``, ``ics_toolkit._failsafe``).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -40,7 +42,9 @@ from torch import nn
 from ics_toolkit import _checks, _exchange, _failsafe, _inputs, _probe, _vocab, distributed
 from ics_toolkit._gradient_rows import gradient_rows
 from ics_toolkit._memory import WORKING_COPIES, memory_plan
-from ics_toolkit._norm_snapshot import bound_layer
+from ics_toolkit._norm_snapshot import HatTransform, bound_layer
+from ics_toolkit._reuse import read_state
+from ics_toolkit._worker import AnalysisWorker
 from ics_toolkit.bounding import RTOL
 from ics_toolkit.errors import (
     ICSRuntimeWarning,
@@ -181,6 +185,16 @@ class ICSMonitor:
         and ``SystemExit`` always propagate, after the state is restored. Arguments
         are checked at construction (the probe is run once, and with
         ``gradient=True`` so is ``loss_fn`` on it), so misuse fails before training.
+    reuse_probe : bool
+        When steps t and t+1 are both measured, reuse the probe pass after step t as
+        the one before step t+1 if nothing it reads changed in between (parameter and
+        buffer version counters; see :mod:`ics_toolkit._reuse`): one probe pass less
+        per consecutive measured step, the same numbers.
+    worker : bool, optional
+        Run the analysis of a measured step on a background thread while training
+        goes on (:mod:`ics_toolkit._worker`); its rows appear at the next measured
+        step, :meth:`results` or :meth:`detach`. Default (None): on when the model is
+        on a CUDA device, off otherwise. The trajectory is the same to the bit.
 
     Notes
     -----
@@ -263,6 +277,8 @@ class ICSMonitor:
         group: Any = None,
         gather_timeout: float = 300.0,
         on_error: str = "warn",
+        reuse_probe: bool = True,
+        worker: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ICSTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -349,6 +365,9 @@ class ICSMonitor:
         if sketch is not None:
             axes = {name: axes[0] for name, _, axes in self.recorder.selected()}
             self.recorder.transform = SketchTransform(sketch, seed, axes)
+        elif where == "output" and self.config.bounds:  # inputs kept only for x_hat
+            modules = {name: module for name, module, _ in self.recorder.selected()}
+            self.recorder.transform = HatTransform(modules, mode, capture_dtype)
         self._train_mode = mode
         if self._dist.captures:
             _probe.check_probe(self.recorder, self.probe)
@@ -372,6 +391,13 @@ class ICSMonitor:
         self.update_count = 0
         self._current: int | None = None  # step index between before_step and after_step
         self._pending: dict[str, Any] | None = None  # the cached capture at step t
+        self._reuse_probe = _checks.boolean(reuse_probe, "reuse_probe")
+        self._carry: tuple[int, StepCapture, Any] | None = None  # capture after step t
+        if worker is None:
+            worker = device is not None and device.type == "cuda"
+        self._worker = AnalysisWorker() if _checks.boolean(worker, "worker") else None
+        if self._worker is not None:  # the end of the run hands back what is still queued
+            atexit.register(_flush_at_exit, weakref.ref(self))
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, optimizer: torch.optim.Optimizer) -> ICSMonitor:
@@ -456,6 +482,8 @@ class ICSMonitor:
         self._optimizer = None
         self._pending = None
         self._current = None
+        self._carry = None
+        self._flush()
 
     @property
     def attached(self) -> bool:
@@ -480,8 +508,12 @@ class ICSMonitor:
         if not self.schedule(self._current) or not self._dist.captures or self._dist_broken:
             return
         start = time.perf_counter()
+        carry, self._carry = self._carry, None
         try:
-            before = self._capture()
+            if carry is not None and carry[0] == self._current and carry[2] == self._read_state():
+                before = carry[1]  # the probe pass after the last step: nothing changed since
+            else:
+                before = self._capture()
         except Exception as err:
             if not self._dist.exchanges:
                 raise
@@ -526,6 +558,8 @@ class ICSMonitor:
             return
         start = time.perf_counter()
         after = self._capture()
+        if self._reuse_probe and self.schedule(step + 1):
+            self._carry = (step + 1, after, self._read_state())
         self._measure(step, pending, pending["capture"], after, start)
 
     def _measure(
@@ -537,30 +571,69 @@ class ICSMonitor:
         start: float,
     ) -> None:
         keys = [k for k in before.tensors if self._measured(k)]
-        rows = measure_step(step, before, after, self.config, keys)
-        if self.gradient:
-            rows.extend(
-                gradient_rows(
-                    step,
-                    self.model,
-                    self.recorder.runner,
-                    self.loss_fn,  # type: ignore[arg-type]
-                    self.probe,
-                    self.targets,
-                    pending["params"],
-                    mode=self._train_mode,
-                    seed=self.config.seed,
-                )
+        rows: list[dict[str, Any]] = []
+        if self.gradient:  # a forward-backward of the model: here, between the steps
+            rows = gradient_rows(
+                step,
+                self.model,
+                self.recorder.runner,
+                self.loss_fn,  # type: ignore[arg-type]
+                self.probe,
+                self.targets,
+                pending["params"],
+                mode=self._train_mode,
+                seed=self.config.seed,
             )
-        rows.append(  # everything the monitor spent on this step, both probe passes included
-            {
-                **_event(step, None, "measure_time_s", ""),
-                "value": time.perf_counter() - start + pending.get("seconds", 0.0),
-                "warning": None,
-            }
-        )
+        spent = time.perf_counter() - start + pending.get("seconds", 0.0)
+
+        def analyse() -> list[dict[str, Any]]:
+            begin = time.perf_counter()
+            out = measure_step(step, before, after, self.config, keys) + rows
+            out.append(  # what the monitor spent on this step, both probe passes included
+                {
+                    **_event(step, None, "measure_time_s", ""),
+                    "value": spent + time.perf_counter() - begin,
+                    "warning": None,
+                }
+            )
+            return out
+
+        if self._worker is None:
+            try:
+                result = analyse()
+            except Exception as err:
+                self._failed(step, "analysis", err)
+                return
+            self.update_count += 1
+            self._emit(result)
+            return
         self.update_count += 1
-        self._emit(rows)
+        self._flush()  # the previous analysis first: rows stay in step order
+        self._worker.submit(step, analyse)
+
+    def _flush(self) -> None:
+        """Hand back the worker's finished analyses, in step order (waits for them)."""
+        if self._worker is None or not self._worker.pending:
+            return
+
+        def handle(step: int, rows: Any, error: BaseException | None) -> None:
+            if error is not None:
+                self._failed(step, "analysis", error)
+            else:
+                self._emit(rows)
+
+        self._worker.drain(handle)
+
+    def _failed(self, step: int, stage: str, err: BaseException) -> None:
+        """Every error of a measured step's analysis comes here, inline or from the worker.
+
+        ``stage`` names the part that failed (``"analysis"``). ``on_error="raise"``
+        re-raises; ``"warn"`` records an ``error`` row and warns once per kind
+        (:mod:`ics_toolkit._failsafe`); the step is then not measured.
+        """
+        if not isinstance(err, Exception) or self._failures.on_error == "raise":
+            raise err
+        self._failures.handle(self, err, step, f"in the {stage}")
 
     @_failsafe.guard_abort_step
     def abort_step(self, reason: str = "the training step raised") -> None:
@@ -614,6 +687,7 @@ class ICSMonitor:
         Columns are :data:`ics_toolkit.results.COLUMNS`; pivot with
         :func:`ics_toolkit.to_wide`. Warns when no step has been measured yet.
         """
+        self._flush()
         if not self._store and not self._dist.measures:
             warnings.warn(
                 f"this is rank {self._dist.rank}; results are kept by the measuring rank "
@@ -685,9 +759,10 @@ class ICSMonitor:
 
     def reset(self) -> None:
         """Forget the rows kept in memory and the step count (files on disk are kept)."""
+        self._flush()
         self._store.clear()
         self.step_count = self.update_count = 0
-        self._current = self._pending = None
+        self._current = self._pending = self._carry = None
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
@@ -709,6 +784,9 @@ class ICSMonitor:
     def _measured(self, key: str) -> bool:
         is_input = key.endswith(":input")
         return (self.where == "both") or (is_input == (self.where == "input"))
+
+    def _read_state(self) -> Any:
+        return read_state(self.model, self._train_mode)
 
     def _snapshots(self, module: nn.Module) -> bool:
         """Whether the normalized values of ``module`` are recomputed (for U3 / U5)."""
@@ -751,6 +829,12 @@ class ICSMonitor:
 
     def _emit(self, rows: list[dict[str, Any]]) -> None:
         self._store.append(rows)
+
+
+def _flush_at_exit(ref: Callable[[], ICSMonitor | None]) -> None:
+    monitor = ref()
+    if monitor is not None and monitor._worker is not None:
+        monitor._flush()
 
 
 def _has_sync_bn(model: nn.Module) -> bool:

@@ -22,10 +22,10 @@ import torch
 
 from ics_toolkit import _checks, _vocab
 from ics_toolkit._norm_snapshot import NormSnapshot, norm_pair, norm_snapshot
-from ics_toolkit.bounding import RTOL, _bounds, check_order
+from ics_toolkit.bounding import RTOL, _bounds, _u3_stored, check_order
 from ics_toolkit.distances import _halves, _kernel, _many, _parse_options
 from ics_toolkit.errors import ICSError, ICSTypeError, ICSValueError, ICSWarning
-from ics_toolkit.moments import _drift
+from ics_toolkit.moments import _column_moments, _drift
 from ics_toolkit.recording import CaptureInfo
 from ics_toolkit.sketch import jl_scale, no_autocast
 from ics_toolkit.views import view
@@ -236,10 +236,35 @@ def _measure_step(
     keys = list(before.tensors) if keys is None else list(keys)
     rows: list[dict[str, Any]] = []
     groups: dict[tuple[str, str], dict[str, Any]] = {}  # (key, view) -> views and rows
+    # a view that holds every value (flatten, channel) is scanned for NaN / Inf through
+    # the float64 row norms the bounds and the drift use anyway; otherwise one scan
+    covering = next((v for v in config.views if v != "pixel"), None)
     for key in keys:
         x, y = before.tensors[key], after.tensors[key]
         info = before.info[key]
-        x_ok, y_ok = _all_finite(x), _all_finite(y)
+        layer: dict[tuple[str, str], dict[str, Any]] = {}
+        x_ok = y_ok = True
+        if covering is None:
+            x_ok, y_ok = _all_finite(x), _all_finite(y)
+        if x_ok and y_ok:
+            for name in config.views:
+                opts = (
+                    {"max_samples": config.max_pixel_samples, "seed": config.seed}
+                    if name == "pixel"
+                    else {}
+                )
+                # float64 once here, not in every estimator below
+                xv = view(x, name, info, **opts).to(torch.float64)
+                yv = view(y, name, info, **opts).to(torch.float64)
+                g = {"x": xv, "y": yv, "opts": opts, "rows": []}
+                g["norms"] = (
+                    torch.linalg.vector_norm(xv, dim=1),
+                    torch.linalg.vector_norm(yv, dim=1),
+                )
+                if name == covering:
+                    x_ok = bool(torch.isfinite(g["norms"][0].sum()))
+                    y_ok = bool(torch.isfinite(g["norms"][1].sum()))
+                layer[(key, name)] = g
         if not (x_ok and y_ok):
             side = "before" if not x_ok else "after"
             msg = (
@@ -249,16 +274,7 @@ def _measure_step(
             warnings.warn(msg, ICSWarning, stacklevel=3)
             rows.append(_event(step, key, "nonfinite", msg))
             continue
-        for name in config.views:
-            opts = (
-                {"max_samples": config.max_pixel_samples, "seed": config.seed}
-                if name == "pixel"
-                else {}
-            )
-            # float64 once here, not in every estimator below
-            xv = view(x, name, info, **opts).to(torch.float64)
-            yv = view(y, name, info, **opts).to(torch.float64)
-            groups[(key, name)] = {"x": xv, "y": yv, "opts": opts, "rows": []}
+        groups.update(layer)
     # every tensor was scanned for NaN / Inf above: from here on the engine's kernels
     _measure_groups(step, groups, before, after, config)
     for (key, name), g in groups.items():
@@ -324,6 +340,7 @@ def _measure_groups(
                     config.options[method],
                     config.n_projections,
                     config.seed,
+                    row_norms=g["norms"],
                 )
             except ICSError as err:  # e.g. a problem too large for the exact solver
                 g["rows"].append(_row("estimate", method, math.nan, warning=str(err)))
@@ -348,12 +365,19 @@ def _measure_groups(
                 floored = ["per_coordinate"]
             for method in floored:
                 g["rows"].append(_floor_row(x, method, config))
+        drifts = config.moments and name != "channel" and width is None
+        if (config.bounds or drifts) and name != "channel":
+            # one pass over the samples for the column moments the bounds (mean gap) and
+            # the drift (mean, variance, fourth moment) share
+            start = time.perf_counter()
+            g["moments"] = (_column_moments(x, drifts), _column_moments(y, drifts))
+            g["stats_s"] = time.perf_counter() - start
         if config.bounds and name != "channel":
             g["rows"].extend(_bound_rows(key, name, g, before, after, config))
-        if config.moments and name != "channel" and width is None:
+        if drifts:
             start = time.perf_counter()
-            drift = _drift(x, y)
-            seconds = time.perf_counter() - start
+            drift = _drift(x, y, g["moments"], g["norms"])
+            seconds = time.perf_counter() - start + g["stats_s"] / (1 + config.bounds)
             for q, v in drift.items():
                 g["rows"].append(_row("drift", q, v, wall_time_s=seconds / len(drift)))
         _check_group(step, key, name, g, config)
@@ -436,18 +460,29 @@ def _bound_rows(
     after: StepCapture,
     config: MeasureConfig,
 ) -> list[dict[str, Any]]:
-    a, b = before.norms.get(key), after.norms.get(key)
-    norms = norm_pair(a, b, name, g["opts"]) if a is not None and b is not None else None
-    have_max_sliced = "max_sliced" in g["batched"]
     start = time.perf_counter()
+    a, b = before.norms.get(key), after.norms.get(key)
+    norms, u3 = None, None
+    if a is not None and b is not None:
+        if a.form == b.form == "batchnorm" and name == "flatten":
+            # from the stored values, in float64 row blocks: no float64 copy of x_hat
+            u3 = _u3_stored(a.x_hat, b.x_hat, (a.weight, b.weight), (a.bias, b.bias))
+        else:
+            norms = norm_pair(a, b, name, g["opts"])
+    have_max_sliced = "max_sliced" in g["batched"]
+    (mx, _, _), (my, _, _) = g["moments"]
     values = _bounds(
         g["x"],
         g["y"],
         norms,
         0 if have_max_sliced else config.n_projections,
         config.seed,
+        gap=mx - my,
+        row_norms=g["norms"],
     )
-    seconds = time.perf_counter() - start
+    if u3 is not None:
+        values["U3"] = u3
+    seconds = time.perf_counter() - start + g["stats_s"] / (1 + config.moments)
     if have_max_sliced:  # L3 tries the max_sliced directions too: reuse, don't recompute
         max_sliced = next(r["value"] for r in g["rows"] if r["quantity"] == "max_sliced")
         values["L3"] = max(values["L3"], max_sliced)

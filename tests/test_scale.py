@@ -170,7 +170,9 @@ def test_half_precision_storage_works_end_to_end(dtype):
 def test_capture_under_autocast_is_stored_as_asked_and_analysed_in_float64():
     model = Shared()
     x = probe(32)
-    mon = ics.ICSMonitor(model, x, every=1, layers=["fc", "bn", "ln"], methods=("exact",))
+    mon = ics.ICSMonitor(
+        model, x, every=1, layers=["fc", "bn", "ln"], methods=("exact",), reuse_probe=False
+    )
     seen = []
     capture = mon._capture
 
