@@ -172,7 +172,7 @@ def _phase(err: BaseException, monitor: Any) -> str:
             return "the gradient ICS"
         if name == "_capture" or file == "recording.py":
             return "a probe pass"
-        if name in ("measure_step", "_measure"):
+        if name in ("measure_step", "_measure", "analyse"):
             return "the analysis"
     return "the monitor"
 

@@ -558,9 +558,16 @@ class ICSMonitor:
             return
         start = time.perf_counter()
         after = self._capture()
-        if self._reuse_probe and self.schedule(step + 1):
+        if self._reuse_probe and self._will_measure(step + 1):
             self._carry = (step + 1, after, self._read_state())
         self._measure(step, pending, pending["capture"], after, start)
+
+    def _will_measure(self, step: int) -> bool:
+        """Whether ``step`` is scheduled; a schedule that raises is reported when it opens."""
+        try:
+            return bool(self.schedule(step))
+        except Exception:
+            return False  # no reuse; before_step(step) calls it again and records the failure
 
     def _measure(
         self,

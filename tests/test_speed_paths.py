@@ -148,15 +148,15 @@ def test_worker_rows_are_handed_back_by_results_and_detach():
     mon.attach(opt)
     model(torch.randn(8, 5)).sum().backward()
     opt.step()
-    assert mon._worker.pending == 1 and not mon._rows  # still with the worker
+    assert mon._worker.pending == 1 and len(mon._store) == 0  # still with the worker
     mon.detach()  # the end of the run flushes
-    assert mon._worker.pending == 0 and {r["step"] for r in mon._rows} == {0}
+    assert mon._worker.pending == 0 and set(mon._store.frame().step) == {0}
 
 
 def test_worker_errors_go_through_the_monitors_failure_path(monkeypatch):
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    mon = ics.ICSMonitor(model, torch.randn(24, 5), every=1, worker=True)
+    mon = ics.ICSMonitor(model, torch.randn(24, 5), every=1, worker=True, on_error="raise")
     seen = []
     original = mon._failed
 
@@ -177,6 +177,27 @@ def test_worker_errors_go_through_the_monitors_failure_path(monkeypatch):
         mon.results()
     assert seen == [(0, "analysis", RuntimeError)]
     mon.detach()
+
+
+def test_worker_errors_warn_and_are_recorded_by_default(monkeypatch):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = ics.ICSMonitor(model, torch.randn(24, 5), every=1, worker=True)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("analysis broke")
+
+    monkeypatch.setattr("ics_toolkit.monitor.measure_step", boom)
+    with pytest.warns(ics.ICSRuntimeWarning, match="analysis broke") as record:
+        with mon.attach(opt):
+            for _ in range(2):
+                model(torch.randn(8, 5)).sum().backward()
+                opt.step()  # training goes on; the worker's error surfaces when collected
+            df = mon.results()
+    assert len(record) == 1  # once per kind of failure, then counted
+    errors = df[df.quantity == "error"]
+    assert errors.step.tolist() == [0, 1] and errors.value.tolist() == [1.0, 2.0]
+    assert mon.errors == {"the analysis: RuntimeError": 2}
 
 
 def test_worker_defaults_to_off_on_cpu_and_checks_its_argument():
