@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ics_toolkit import distributed
+from ics_toolkit import distributed, fsdp
 from ics_toolkit._selection import is_norm
 from ics_toolkit.bounding import RTOL
 from ics_toolkit.distances import METHODS
@@ -114,7 +114,10 @@ class ICSMonitor:
     ----------
     model : torch.nn.Module
         The network being trained (also wrapped in DDP or ``torch.compile``; see
-        :func:`ics_toolkit.capture`).
+        :func:`ics_toolkit.capture`; or sharded with FSDP2's ``fully_shard``, see
+        :mod:`ics_toolkit.fsdp`: build and step the monitor on every rank). Other
+        wrappers (FSDP1, DeepSpeed, tensor-parallel ``DTensor`` parameters) are
+        refused here.
     probe : Tensor, tuple, dict or DataLoader
         The fixed probe inputs, in the forms :func:`ics_toolkit.capture` takes, on the
         model's device; or a ``DataLoader``, from whose dataset ``probe_size`` samples
@@ -321,6 +324,8 @@ class ICSMonitor:
         self.sketch = sketch
         self._dist = distributed.context(rank, gather, group, gather_timeout)
         self._dist_broken = False
+        # FSDP2 (fully_shard): every rank runs the probe passes; unknown wrappers refused
+        self._fsdp = fsdp.check_wrappers(model, gradient=bool(gradient))
         sync_bn = _has_sync_bn(model)
         if self._dist.distributed and sync_bn and mode != "eval":
             if not gather:
@@ -380,7 +385,7 @@ class ICSMonitor:
             axes = {t.name: t.axes[0] for t in self.recorder._targets()}
             self.recorder.transform = SketchTransform(sketch, seed, axes)
         self._train_mode = mode
-        if self._dist.captures:
+        if self._dist.captures or self._fsdp:  # FSDP2: the check's pass needs every rank
             self._check_probe()
 
         self.writer = (
@@ -482,7 +487,12 @@ class ICSMonitor:
                 "is still open)"
             )
         self._current = self.step_count if step is None else int(step)
-        if not self.schedule(self._current) or not self._dist.captures or self._dist_broken:
+        if not self.schedule(self._current) or self._dist_broken:
+            return
+        if not self._dist.captures:
+            if self._fsdp:  # FSDP2: the measuring rank's probe pass needs this rank too
+                self._follow()
+                self._pending = {"follow": True}
             return
         start = time.perf_counter()
         try:
@@ -499,7 +509,7 @@ class ICSMonitor:
         # skipped step with fused optimizers (they may skip inside step() and still bump
         # the version counters); one copy serves both
         params = (
-            {n: p.detach().clone() for n, p in self.model.named_parameters()}
+            {n: fsdp.local(p.detach()).clone() for n, p in self.model.named_parameters()}
             if self.gradient or _fused(self._optimizer)
             else None
         )
@@ -520,14 +530,21 @@ class ICSMonitor:
         self.step_count = step + 1
         if pending is None:
             return
+        if pending.get("follow"):
+            self._follow()
+            return
         if self._dist.exchanges:
             self._after_gather(step, pending)
             return
-        if self._skipped(pending):
+        # FSDP2: the probe pass runs on every rank whatever the step did
+        if self._skipped(pending) and not self._fsdp:
             self._record_skip(step, stacklevel=3)
             return
         start = time.perf_counter()
         after = self._capture()
+        if self._fsdp and self._skipped(pending):
+            self._record_skip(step, stacklevel=3)
+            return
         self._measure(step, pending, pending["capture"], after, start)
 
     def _measure(
@@ -780,6 +797,7 @@ class ICSMonitor:
             and self.sketch is None
             and _bound_layer(module)
             and (self._local_stats or not isinstance(module, nn.SyncBatchNorm))
+            and not self._fsdp  # a rank holds only a shard of the affine parameters
         )
 
     def _capture(self) -> StepCapture:
@@ -842,7 +860,7 @@ class ICSMonitor:
         status, after = distributed.OK, None
         if pending.get("failed"):
             status = distributed.FAILED
-        elif self._skipped(pending):
+        elif self._skipped(pending) and not self._fsdp:
             status = distributed.SKIPPED
         else:
             try:
@@ -850,6 +868,8 @@ class ICSMonitor:
             except Exception as err:
                 self._warn_failure(f"step {step}: the probe pass after the step", err)
                 status = distributed.FAILED
+            if self._fsdp and status == distributed.OK and self._skipped(pending):
+                status, after = distributed.SKIPPED, None
         before = pending.get("capture") if status == distributed.OK else None
         result = self._exchange(step, status, before, after)
         del before, after
@@ -881,7 +901,8 @@ class ICSMonitor:
         values = pending["values"]
         if values is None:
             return False
-        return all(torch.equal(v, p.detach()) for v, p in zip(values, self._params, strict=True))
+        now = [fsdp.local(p.detach()) for p in self._params]  # DTensor: this rank's shard
+        return all(torch.equal(v, p) for v, p in zip(values, now, strict=True))
 
     def _gradient_rows(self, step: int, before: Mapping[str, torch.Tensor]) -> list[dict]:
         from ics_toolkit.gradient_shift import gradient_ics
@@ -918,6 +939,16 @@ class ICSMonitor:
                     }
                 )
         return rows
+
+    def _follow(self) -> None:
+        """FSDP2, on a rank that does not capture: run the probe pass, keep nothing.
+
+        The measuring rank's pass all-gathers the parameters, which needs every rank.
+        """
+        try:
+            self.recorder.dry_run(self.probe)
+        except Exception as err:
+            self._warn_failure("the probe pass (FSDP2, taking part for the measuring rank)", err)
 
     def _emit(self, rows: list[dict[str, Any]]) -> None:
         self._rows.extend(rows)
