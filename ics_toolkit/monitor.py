@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ics_toolkit import distributed, fsdp
+from ics_toolkit import distributed, fsdp, sinks
 from ics_toolkit._selection import is_norm
 from ics_toolkit.bounding import RTOL
 from ics_toolkit.distances import METHODS
@@ -217,6 +217,11 @@ class ICSMonitor:
         Seconds a gather may wait for the other ranks; past it (or when a rank died)
         the step is recorded as ``gather_failed`` and gathering stops, instead of
         hanging.
+    log_to : SummaryWriter, callable or list, optional
+        Loggers the numbers are sent to as they are measured (on the measuring rank):
+        a ``torch.utils.tensorboard.SummaryWriter`` or any callable ``(step,
+        dict_of_scalars)``; names ``ics/<layer>/<quantity>`` (see
+        :mod:`ics_toolkit.sinks`).
 
     Notes
     -----
@@ -290,6 +295,7 @@ class ICSMonitor:
         gather: bool = False,
         group: Any = None,
         gather_timeout: float = 300.0,
+        log_to: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ICSTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -396,6 +402,7 @@ class ICSMonitor:
         self.run = self.writer.run if self.writer is not None else (run or "")
         self._rows: list[dict[str, Any]] = []
         self._frame_cache: Any = None
+        self._sink = sinks.as_sink(log_to, with_view=len(views) > 1)  # ics_toolkit.sinks
         self._handles: list[Any] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._params = [p for p in model.parameters()]
@@ -955,6 +962,8 @@ class ICSMonitor:
         self._frame_cache = None
         if self.writer is not None:
             self.writer.write(rows)
+        if self._sink is not None:
+            self._sink(rows)
 
 
 def _floor_methods(floor: bool | Sequence[str], methods: tuple[str, ...]) -> tuple[str, ...]:
