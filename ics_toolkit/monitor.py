@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ics_toolkit import distributed, fsdp, sinks
+from ics_toolkit import _resume, distributed, fsdp, sinks
 from ics_toolkit._selection import is_norm
 from ics_toolkit.bounding import RTOL
 from ics_toolkit.distances import METHODS
@@ -946,6 +946,37 @@ class ICSMonitor:
                     }
                 )
         return rows
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """The monitor's state, to save with a training checkpoint.
+
+        Returns
+        -------
+        dict
+            Step count, measured-step count, run id, the rows kept in memory and the
+            number of part files written (plain Python values, picklable with
+            ``torch.save``). Call between optimizer steps.
+        """
+        return _resume.state_of(self)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue a checkpointed run: its schedule, step count, run id and results folder.
+
+        Build the monitor as for the original run (same model, layers and ``path``),
+        then load the state before training resumes. The schedule goes on from the
+        saved step count, ``results()`` holds the saved rows plus the new ones, and
+        new parts are appended to the same folder under the same run id; parts the
+        interrupted run wrote after the checkpoint are renamed ``superseded-part-...``
+        (its steps are measured again), so :func:`ics_toolkit.load_results` reads
+        every step once.
+
+        Parameters
+        ----------
+        state : dict
+            What :meth:`state_dict` returned.
+        """
+        _resume.load_into(self, state)
 
     def _follow(self) -> None:
         """FSDP2, on a rank that does not capture: run the probe pass, keep nothing.
