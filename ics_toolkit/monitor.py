@@ -902,12 +902,11 @@ class ICSMonitor:
         self._emit([_event(step, None, "skipped_step", msg)])
 
     def _skipped(self, pending: Mapping[str, Any]) -> bool:
-        versions = [p._version for p in self._params]
-        if versions == pending["versions"]:
-            return True
         values = pending["values"]
         if values is None:
-            return False
+            return [p._version for p in self._params] == pending["versions"]
+        # fused optimizers (AdamW(fused=True)) may update without bumping the version
+        # counters: with copies at hand, the values decide
         now = [fsdp.local(p.detach()) for p in self._params]  # DTensor: this rank's shard
         return all(torch.equal(v, p) for v, p in zip(values, now, strict=True))
 
