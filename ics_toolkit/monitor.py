@@ -27,6 +27,7 @@ steps cost one counter increment and one schedule call.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ics_toolkit import _resume, distributed, fsdp, sinks
+from ics_toolkit import _resume, _token, distributed, fsdp, sinks
 from ics_toolkit._selection import is_norm
 from ics_toolkit.bounding import RTOL
 from ics_toolkit.distances import METHODS
@@ -136,8 +137,10 @@ class ICSMonitor:
         ``pixel`` views (the ``channel`` view always uses ``per_coordinate``). Cost:
         ``exact`` is O(n^3) in the probe size n (fine to a few thousand); ``sliced``
         and ``max_sliced`` are lower bounds, far below W1 in high dimension.
-    views : sequence of {"flatten", "pixel", "channel"}
-        How a layer output becomes samples (see :mod:`ics_toolkit.views`).
+    views : sequence of {"flatten", "pixel", "channel", "token"}
+        How a layer output becomes samples (see :mod:`ics_toolkit.views`); ``token``:
+        each non-padded token of an (N, T, C) output is a sample in R^C (see
+        ``token_mask``), at most ``max_pixel_samples`` of them.
     where : {"output", "input", "both"}
         Measure the layers' outputs, inputs (keys ``name:input``) or both.
     bounds : bool
@@ -222,6 +225,16 @@ class ICSMonitor:
         a ``torch.utils.tensorboard.SummaryWriter`` or any callable ``(step,
         dict_of_scalars)``; names ``ics/<layer>/<quantity>`` (see
         :mod:`ics_toolkit.sinks`).
+    axes, output_select, transform : optional
+        Passed on to the capture (:class:`ics_toolkit.Recorder`): per-layer
+        ``(batch_axis, channel_axis)`` overrides, which item of a structured output
+        to measure, and a ``(key, tensor) -> tensor`` applied in the hook
+        (``transform`` and ``sketch`` exclude each other).
+    token_mask : tensor, bool or None
+        The padding mask (N, T) of the ``token`` view (1 for real tokens). None
+        (default): the probe's ``attention_mask`` when the probe is a dict holding one,
+        else every position; False: every position. Every measured layer must produce
+        tokens of shape (N, T) (checked here). Not with ``gather=True``.
 
     Notes
     -----
@@ -296,6 +309,10 @@ class ICSMonitor:
         group: Any = None,
         gather_timeout: float = 300.0,
         log_to: Any = None,
+        axes: Mapping[str, tuple[int, int]] | None = None,
+        output_select: Any = None,
+        transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+        token_mask: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ICSTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -384,9 +401,26 @@ class ICSMonitor:
             # bound layers need their input too, for the normalized values of U3 / U5
             return "both" if self._snapshots(module) else where
 
+        if sketch is not None and transform is not None:
+            raise ICSValueError(
+                "`sketch` stores a projection through the capture transform, so it cannot be "
+                "combined with `transform`; pass one of them"
+            )
         self.recorder = Recorder(
-            model, layers, sites, dtype=capture_dtype, mode=mode, seed=seed, device="model"
+            model,
+            layers,
+            sites,
+            dtype=capture_dtype,
+            mode=mode,
+            seed=seed,
+            device="model",
+            axes=axes,
+            output_select=output_select,
+            transform=transform,
         )
+        # the token view's padding mask (ics_toolkit._token), checked against the layers
+        mask = _token.resolve_mask(token_mask, self.probe, views, self._dist.exchanges)
+        self.config = dataclasses.replace(self.config, token_mask=mask)
         if sketch is not None:
             axes = {t.name: t.axes[0] for t in self.recorder._targets()}
             self.recorder.transform = SketchTransform(sketch, seed, axes)
@@ -430,6 +464,8 @@ class ICSMonitor:
                 f"selected layer(s) {missing} never ran in the forward pass of the probe; "
                 "choose other `layers` or check the model's forward"
             )
+        axes = {t.name: t.axes for t in self.recorder._targets()}
+        _token.check_layers(self.config.token_mask, table, axes)
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -766,7 +802,7 @@ class ICSMonitor:
             else:  # pixel / channel: one row per (input, position), C columns
                 width = stored[channel % len(stored)]
                 rows = numel // width
-            if name == "pixel":
+            if name in ("pixel", "token"):
                 rows = min(rows, self.config.max_pixel_samples)
             total += 2 * rows * width * 8
             largest = max(largest, rows * width * 8)

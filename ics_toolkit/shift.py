@@ -50,6 +50,7 @@ class MeasureConfig:
     max_pixel_samples: int = 1024
     rtol: float = RTOL
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    token_mask: Any = None  # the probe's padding mask (N, T) for the ``token`` view, or None
 
 
 @dataclass
@@ -142,13 +143,13 @@ def _norm_states(
     for snap in (a, b):
         x_hat = view(snap.x_hat.to(torch.float64), name, (0, 1), **opts)
         s = None
-        if snap.form != "batchnorm" and name == "pixel":
+        if snap.form != "batchnorm" and name in ("pixel", "token"):
             # each pixel row belongs to an image, and the layer divided by the image's norm
             n = snap.x_hat.shape[0]
             norms = snap.x_hat.to(torch.float64).reshape(n, -1).norm(dim=1)
             s_img = torch.sqrt(norms**2 / snap.k**2 + snap.eps)
             s_full = s_img.reshape((n, 1) + (1,) * (len(shape) - 2)).expand((n, 1, *shape[2:]))
-            s = view(s_full, "pixel", (0, 1), **opts)[:, 0]
+            s = view(s_full, name, (0, 1), **opts)[:, 0]
         states.append(
             NormState(
                 x_hat=x_hat,
@@ -247,9 +248,11 @@ def _measure_step(
         for name in config.views:
             opts = (
                 {"max_samples": config.max_pixel_samples, "seed": config.seed}
-                if name == "pixel"
+                if name in ("pixel", "token")
                 else {}
             )
+            if name == "token":
+                opts["mask"] = config.token_mask
             # float64 once here, not in every estimator below
             xv = view(x, name, info, **opts).to(torch.float64)
             yv = view(y, name, info, **opts).to(torch.float64)

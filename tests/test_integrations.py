@@ -214,7 +214,7 @@ def test_trainer_callback_measures_logs_and_leaves_training_unchanged(tmp_path):
     from ics_toolkit.integrations.transformers import ICSCallback
 
     _, plain = _train_hf(tmp_path / "plain", [])
-    cb = ICSCallback(every=2, probe_size=16, methods=("exact",))
+    cb = ICSCallback(every=2, probe_size=16, methods=("exact",), views=("token",))
     trainer, watched = _train_hf(tmp_path / "watched", [cb])
     for a, b in zip(plain.parameters(), watched.parameters(), strict=True):
         assert torch.equal(a, b)
@@ -223,7 +223,11 @@ def test_trainer_callback_measures_logs_and_leaves_training_unchanged(tmp_path):
     assert sorted(est.step.unique()) == [0, 2]
     layers = set(est.layer)
     assert "bert.embeddings.LayerNorm" in layers and len(layers) == 3
-    assert set(est.view) == {"flatten"}
+    # the token view with the drawn probe's attention_mask: its real tokens only
+    probe_mask = cb.monitor.probe["attention_mask"]
+    assert probe_mask.shape == (16, T) and "labels" not in cb.monitor.probe
+    assert set(est.view) == {"token"} and set(est.n_samples) == {int(probe_mask.sum())}
+    assert int(probe_mask.sum()) < 16 * T
     assert len(ics.load_results(tmp_path / "watched" / "ics")) == len(df)
     history = [h for h in trainer.state.log_history if "ics/bert.embeddings.LayerNorm/exact" in h]
     assert [h["step"] for h in history] == [0, 2]
