@@ -400,7 +400,8 @@ def _known_axes(module: nn.Module) -> tuple[int, int, bool] | None:
     """(batch_axis, channel_axis, batch axis known from the module itself) or None."""
     if isinstance(module, _channels_first_types()) or is_unitization(module):
         return 0, 1, True
-    if isinstance(module, _channels_last_types()):
+    if isinstance(module, _channels_last_types()) or type(module).__name__ == "Conv1D":
+        # (Conv1D: the transformers library's linear layer of GPT-2, channels-last)
         flag = _batch_first(module)
         if flag is None:  # LayerNorm, Linear, ...: the batch axis depends on the context
             return 0, -1, False
