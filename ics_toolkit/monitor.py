@@ -802,6 +802,8 @@ class ICSMonitor:
             else:  # pixel / channel: one row per (input, position), C columns
                 width = stored[channel % len(stored)]
                 rows = numel // width
+            if name == "token" and self.config.token_mask is not None:
+                rows = int(self.config.token_mask.sum())  # the real tokens only
             if name in ("pixel", "token"):
                 rows = min(rows, self.config.max_pixel_samples)
             total += 2 * rows * width * 8

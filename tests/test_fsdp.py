@@ -129,6 +129,15 @@ def _refusals(rank: int) -> dict:
         ics.ICSMonitor(tp, _probe(), layers=LAYERS)
     except ics.ICSError as err:
         errors["tensor_parallel"] = (type(err).__name__, str(err))
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FSDP1's deprecation notice
+        fsdp1 = FullyShardedDataParallel(_plain(), device_id=torch.device("cpu"))
+    try:
+        ics.ICSMonitor(fsdp1, _probe(), layers=LAYERS)
+    except ics.ICSError as err:
+        errors["fsdp1"] = (type(err).__name__, str(err))
     try:
         ics.ICSMonitor(_sharded(True), _probe(), gradient=True, loss_fn=lambda o, t: o.sum())
     except ics.ICSError as err:
@@ -260,6 +269,9 @@ def test_unknown_sharding_is_refused_at_construction(reports):
         errors = rep["_refusals"]
         kind, message = errors["tensor_parallel"]
         assert kind == "ICSTypeError" and "'0.weight' is a DTensor not managed by" in message
+        kind, message = errors["fsdp1"]
+        assert kind == "ICSTypeError" and "FSDP1's FullyShardedDataParallel" in message
+        assert "fully_shard instead" in message
         kind, message = errors["gradient"]
         assert kind == "ICSValueError" and "gradient=True" in message and "fully_shard" in message
 

@@ -244,3 +244,14 @@ def test_selector_lists_mix_kinds_globs_and_types():
     plain = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
     with pytest.raises(ics.ICSValueError, match=r"the entry 'norm' matches no module"):
         ics.Recorder(plain, ["norm", "0"])
+
+
+def test_memory_prediction_counts_the_real_tokens():
+    model = _gpt2()
+    probe = _probe(seed=1, pad_seed=2)
+    real = int(probe["attention_mask"].sum())
+    mon = ics.ICSMonitor(model, probe, views=("token",), layers="h.0.ln_1")
+    table = mon.memory_per_layer()
+    assert table.bytes_analysis.tolist() == [2 * real * 16 * 8]  # both sides, float64
+    capped = ics.ICSMonitor(model, probe, views=("token",), layers="h.0.ln_1", max_pixel_samples=5)
+    assert capped.memory_per_layer().bytes_analysis.tolist() == [2 * 5 * 16 * 8]
