@@ -85,6 +85,11 @@ class ICSCallback(TrainerCallback):
     def __init__(
         self, probe: Any = None, *, path: str | None = "auto", log: bool = True, **options
     ):
+        if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # the events it measures at
+            raise ICSUsageError(
+                "ICSCallback needs a transformers version whose Trainer sends "
+                "on_pre_optimizer_step / on_optimizer_step events: pip install -U transformers"
+            )
         self.options = check_options(options, "ICSCallback")
         self.probe = probe
         self.path = path
