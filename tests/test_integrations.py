@@ -182,7 +182,7 @@ def _bert():
     return BertForSequenceClassification(config)
 
 
-def _train_hf(out, callbacks, max_steps=4, resume=None, save=False):
+def _train_hf(out, callbacks, max_steps=4, resume=None, save=False, setup=None):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
@@ -202,6 +202,8 @@ def _train_hf(out, callbacks, max_steps=4, resume=None, save=False):
     )
     model = _bert()
     trainer = Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=callbacks)
+    if setup is not None:
+        setup(trainer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train(resume_from_checkpoint=resume)
@@ -270,3 +272,27 @@ def test_a_fused_optimizer_step_is_measured_not_taken_for_a_skip():
     df = monitor.results()
     assert "skipped_step" not in set(df.quantity)
     assert df[df.quantity == "exact"].value.item() > 0
+
+
+@pytest.mark.slow
+def test_add_to_sends_the_numbers_through_the_trainers_reporters(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ics_toolkit.integrations.transformers import ICSCallback
+
+    made = []
+
+    def setup(trainer):
+        made.append(ICSCallback.add_to(trainer, every=2, probe_size=16, methods=("exact",)))
+
+    _train_hf(tmp_path, [], setup=setup)
+    df = made[0].results()
+    exact = df[(df.quantity == "exact") & (df.layer == "bert.embeddings.LayerNorm")]
+    runs = [p for p in (tmp_path / "runs").iterdir()]
+    assert len(runs) == 1  # the trainer's own TensorBoard run, no separate "ics" run
+    acc = EventAccumulator(str(runs[0]))
+    acc.Reload()
+    events = acc.Scalars("train/ics/bert.embeddings.LayerNorm/exact")  # the trainer's naming
+    assert [e.step for e in events] == [0, 2]
+    assert [e.value for e in events] == pytest.approx(exact.value.tolist(), rel=1e-6)
+    assert "train/loss" in acc.Tags()["scalars"]  # the same writer as the trainer's own logs

@@ -25,10 +25,15 @@ Where the numbers go:
 - the trainer's own record, ``state.log_history`` (saved in every checkpoint's
   ``trainer_state.json``): one entry ``{"step": t, "ics/<layer>/<quantity>": value,
   ...}`` per measured step;
-- TensorBoard, when ``"tensorboard"`` (or ``"all"``) is in ``args.report_to``: a
+- with :meth:`ICSCallback.add_to` (``ICSCallback.add_to(trainer, ...)`` instead of
+  ``callbacks=[...]``): every reporting integration of the trainer (``report_to``:
+  TensorBoard, W&B, MLflow, ...) through its ``on_log``, at the trainer's
+  ``global_step`` (TensorBoard shows them as ``train/ics/<layer>/<quantity>``);
+- otherwise, when ``"tensorboard"`` (or ``"all"``) is in ``args.report_to``: a
   ``SummaryWriter`` in ``<logging dir>/ics`` (the logging dir is
   ``$TENSORBOARD_LOGGING_DIR`` or ``<output_dir>/runs``, where the trainer's own
-  runs are), so TensorBoard shows both;
+  runs are), so TensorBoard shows both (a callback given in ``callbacks=[...]`` has no
+  handle on the trainer's other callbacks);
 - any other logger through ``log_to`` (e.g. ``lambda step, s: wandb.log(s,
   step=step)``).
 
@@ -98,6 +103,30 @@ class ICSCallback(TrainerCallback):
         self._pending: list[tuple[int, dict[str, float]]] = []
         self._writer: Any = None
         self._open = False
+        self._handler: Any = None  # the trainer's CallbackHandler, set by add_to()
+
+    @classmethod
+    def add_to(cls, trainer: Any, probe: Any = None, **kwargs: Any) -> ICSCallback:
+        """Build the callback, add it to ``trainer`` and send its numbers to every reporter.
+
+        Parameters
+        ----------
+        trainer : transformers.Trainer
+            The trainer (built with its ``report_to``).
+        probe : optional
+            As in :class:`ICSCallback`.
+        **kwargs
+            ``path``, ``log`` and the :class:`~ics_toolkit.ICSMonitor` options.
+
+        Returns
+        -------
+        ICSCallback
+            The callback, already added with ``trainer.add_callback``.
+        """
+        callback = cls(probe, **kwargs)
+        callback._handler = trainer.callback_handler
+        trainer.add_callback(callback)
+        return callback
 
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -134,6 +163,8 @@ class ICSCallback(TrainerCallback):
             if self._writer is not None:
                 for name, value in values.items():
                     self._writer.add_scalar(name, value, global_step=step)
+            for reporter in self._reporters():  # at state.global_step, which is step
+                reporter.on_log(args, state, control, logs=dict(values))
         self._pending.clear()
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -185,7 +216,11 @@ class ICSCallback(TrainerCallback):
         sinks = [] if sinks is None else list(sinks) if isinstance(sinks, list | tuple) else [sinks]
         if self.log:
             sinks.append(self._collect)
-            if _reports_to_tensorboard(args) and args.process_index == 0:
+            if (
+                _reports_to_tensorboard(args)
+                and args.process_index == 0
+                and self._handler is None  # with add_to, the trainer's own writer has them
+            ):
                 from torch.utils.tensorboard import SummaryWriter
 
                 root = os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(
@@ -193,6 +228,16 @@ class ICSCallback(TrainerCallback):
                 )
                 self._writer = SummaryWriter(log_dir=os.path.join(os.path.expanduser(root), "ics"))
         return ICSMonitor(model, probe, path=path, log_to=sinks or None, **options)
+
+    def _reporters(self) -> list[Any]:
+        """The trainer's reporting integrations (TensorBoard, W&B, ...), if known."""
+        if self._handler is None:
+            return []
+        return [
+            cb
+            for cb in self._handler.callbacks
+            if type(cb).__module__.startswith("transformers.integrations") and cb is not self
+        ]
 
     def _collect(self, step: int, values: dict[str, float]) -> None:
         self._pending.append((step, dict(values)))
