@@ -145,7 +145,26 @@ def _refusals(rank: int) -> dict:
     return errors
 
 
-_SCENARIOS = {f.__name__: f for f in (_default_mode, _gather_mode, _refusals)}
+def _batchnorm(rank: int) -> dict:
+    """A BatchNorm layer: every estimator and the bounds but its own U3 (sharded affine)."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = ics.ICSMonitor(model, _probe(), every=1)
+    monitor.attach(opt)
+    for x in _batches(rank)[:2]:
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {"rows": monitor.results()}
+
+
+_SCENARIOS = {f.__name__: f for f in (_default_mode, _gather_mode, _refusals, _batchnorm)}
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -274,6 +293,16 @@ def test_unknown_sharding_is_refused_at_construction(reports):
         assert "fully_shard instead" in message
         kind, message = errors["gradient"]
         assert kind == "ICSValueError" and "gradient=True" in message and "fully_shard" in message
+
+
+@pytest.mark.slow
+def test_fsdp2_batchnorm_layers_get_every_bound_but_their_own(reports):
+    df = reports[0]["_batchnorm"]["rows"]
+    quantities = set(df[df.layer == "1"].quantity)
+    assert {"exact", "L1", "L2", "L3", "U1", "U2"} <= quantities
+    assert "U3" not in quantities
+    assert df[df.kind != "event"].bounds_hold.all()
+    assert sorted(df[df.kind == "estimate"].step.unique()) == [0, 1]
 
 
 def test_a_deepspeed_engine_is_refused_by_name():

@@ -67,7 +67,7 @@ def _loader():
     )
 
 
-def _fit(tmp_path, callbacks, max_steps=4, ckpt_path=None, checkpoint=False):
+def _fit(tmp_path, callbacks, max_steps=4, ckpt_path=None, checkpoint=False, accumulate=1):
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger
 
@@ -87,6 +87,7 @@ def _fit(tmp_path, callbacks, max_steps=4, ckpt_path=None, checkpoint=False):
         enable_model_summary=False,
         enable_checkpointing=checkpoint,
         log_every_n_steps=1,
+        accumulate_grad_batches=accumulate,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's advice on num_workers etc.
@@ -182,13 +183,14 @@ def _bert():
     return BertForSequenceClassification(config)
 
 
-def _train_hf(out, callbacks, max_steps=4, resume=None, save=False, setup=None):
+def _train_hf(out, callbacks, max_steps=4, resume=None, save=False, setup=None, accumulate=1):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
         output_dir=str(out),
         max_steps=max_steps,
         per_device_train_batch_size=8,
+        gradient_accumulation_steps=accumulate,
         learning_rate=1e-3,
         lr_scheduler_type="constant",
         report_to=["tensorboard"],
@@ -296,3 +298,20 @@ def test_add_to_sends_the_numbers_through_the_trainers_reporters(tmp_path):
     assert [e.step for e in events] == [0, 2]
     assert [e.value for e in events] == pytest.approx(exact.value.tolist(), rel=1e-6)
     assert "train/loss" in acc.Tags()["scalars"]  # the same writer as the trainer's own logs
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_micro_batches_are_not_steps(tmp_path):
+    from ics_toolkit.integrations.lightning import ICSCallback as Lightning
+    from ics_toolkit.integrations.transformers import ICSCallback as HF
+
+    light = Lightning(every=2, probe_size=16, methods=("exact",), path=None)
+    trainer, _ = _fit(tmp_path / "pl", [light], max_steps=4, accumulate=2)
+    assert trainer.global_step == 4 and light.monitor.step_count == 4
+    hf = HF(every=2, probe_size=16, methods=("exact",), path=None)
+    hf_trainer, _ = _train_hf(tmp_path / "hf", [hf], max_steps=4, accumulate=2)
+    assert hf_trainer.state.global_step == 4 and hf.monitor.step_count == 4
+    for cb in (light, hf):
+        df = cb.results()
+        assert sorted(df[df.kind == "estimate"].step.unique()) == [0, 2]
+        assert "skipped_step" not in set(df.quantity)
