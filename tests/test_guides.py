@@ -35,6 +35,14 @@ def test_every_integration_has_a_page_linked_from_the_readme():
         assert f"docs/integrations/{name}" in readme, f"README does not link {name}"
 
 
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.stem)
+def test_guide_links_resolve(page):
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text())
+    local = [link for link in links if not re.match(r"[a-z]+://", link)]
+    missing = [link for link in local if not (page.parent / link).exists()]
+    assert not missing, f"{page.name} links to missing files: {missing}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.stem)
 def test_guide_example_runs(page, tmp_path, monkeypatch):
