@@ -31,7 +31,7 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
         ],
     ),
     ("Capturing layer outputs", "ics_toolkit.recording", ["capture", "dry_run", "Recorder"]),
-    ("Views", "ics_toolkit.views", ["flatten", "pixel", "channel", "view"]),
+    ("Views", "ics_toolkit.views", ["flatten", "pixel", "channel", "token", "view"]),
     (
         "Bounds",
         "ics_toolkit.bounding",
@@ -87,6 +87,14 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
     ("Experiments", "ics_toolkit.experiments", ["run_main", "sweep_dim"]),
     ("Sketches of wide layers", "ics_toolkit.sketch", ["Sketch", "SketchTransform"]),
     ("Distributed training", "ics_toolkit.distributed", ["shard"]),
+    ("FSDP2 and wrappers", "ics_toolkit.fsdp", ["check_wrappers", "resharded", "is_fsdp"]),
+    ("Logger sinks", "ics_toolkit.sinks", ["as_sink", "scalars", "Sink"]),
+    ("PyTorch Lightning", "ics_toolkit.integrations.lightning", ["ICSCallback"]),
+    (
+        "Hugging Face Trainer",
+        "ics_toolkit.integrations.transformers",
+        ["ICSCallback", "STATE_FILE"],
+    ),
     (
         "Errors and warnings",
         "ics_toolkit.errors",

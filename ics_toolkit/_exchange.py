@@ -68,14 +68,16 @@ def after_gather(monitor: ICSMonitor, step: int, pending: Mapping[str, Any]) -> 
     status, after = distributed.OK, None
     if pending.get("failed"):
         status = distributed.FAILED
-    elif monitor._skipped(pending):
+    elif monitor._skipped(pending) and not monitor._fsdp:
         status = distributed.SKIPPED
-    else:
+    else:  # FSDP2: the probe pass needs every rank, whatever the step did
         try:
             after = monitor._capture()
         except Exception as err:
             warn_failure(monitor, f"step {step}: the probe pass after the step", err)
             status = distributed.FAILED
+        if monitor._fsdp and status == distributed.OK and monitor._skipped(pending):
+            status, after = distributed.SKIPPED, None
     before = pending.get("capture") if status == distributed.OK else None
     result = exchange(monitor, step, status, before, after)
     del before, after

@@ -37,6 +37,7 @@ def analysis_bytes(
     stored: tuple[int, ...],
     batch: int,
     channel: int,
+    token_mask: Any = None,
 ) -> tuple[int, int]:
     """float64 sample matrices of every view of one layer (both sides), and the largest."""
     numel = math.prod(stored)
@@ -48,7 +49,9 @@ def analysis_bytes(
         else:  # pixel / channel: one row per (input, position), C columns
             width = stored[channel % len(stored)]
             rows = numel // width
-        if name == "pixel":
+        if name == "token" and token_mask is not None:
+            rows = int(token_mask.sum())  # the real tokens only
+        if name in ("pixel", "token"):
             rows = min(rows, max_pixel_samples)
         total += 2 * rows * width * 8
         largest = max(largest, rows * width * 8)
@@ -89,7 +92,12 @@ def memory_plan(monitor: ICSMonitor) -> Any:
                 extra = math.prod(in_shape) * itemsize  # x_hat, storage dtype
             held = 2 * (stored_bytes + extra)
             analysis, largest = analysis_bytes(
-                config.views, config.max_pixel_samples, stored, 0 if sketched else batch, axes[1]
+                config.views,
+                config.max_pixel_samples,
+                stored,
+                0 if sketched else batch,
+                axes[1],
+                config.token_mask,
             )
             working = (WORKING_COPIES + (2 if extra else 0)) * largest
             if sketched:  # the hook's transient chunks (not at the same time)

@@ -183,13 +183,13 @@ def norm_pair(
         x_hat = view(snap.x_hat.to(torch.float64), name, (0, 1), **opts)
         d = x_hat.shape[1]
         s = None
-        if snap.form != "batchnorm" and name == "pixel":
+        if snap.form != "batchnorm" and name in ("pixel", "token"):
             # each pixel row belongs to an image, and the layer divided by the image's norm
             n = snap.x_hat.shape[0]
             norms = snap.x_hat.to(torch.float64).reshape(n, -1).norm(dim=1)
             s_img = torch.sqrt(norms**2 / snap.k**2 + snap.eps)
             s_full = s_img.reshape((n, 1) + (1,) * (len(shape) - 2)).expand((n, 1, *shape[2:]))
-            s = view(s_full, "pixel", (0, 1), **opts)[:, 0].reshape(-1, 1)
+            s = view(s_full, name, (0, 1), **opts)[:, 0].reshape(-1, 1)
         ones = torch.ones(d, dtype=torch.float64, device=x_hat.device)
         weight = _param_rows(snap.weight, shape, name, d)
         bias = _param_rows(snap.bias, shape, name, d)

@@ -14,8 +14,10 @@ Selectors (the ``layers`` argument):
 - any other string: a name glob (``fnmatch``, case-sensitive: ``"layer1.*.bn?"``);
   an exact name is a glob that matches itself;
 - a module type or a tuple of types (``isinstance``);
-- a list (or tuple) of names, globs and module objects: each entry must match (a
-  module literally named ``"norm"`` or ``"all"`` is selected with ``["norm"]``);
+- a list (or tuple) mixing names, globs, the kinds ``"norm"`` / ``"all"``, module
+  types and module objects: the union, in model order; each entry must match
+  something, else the error names it (an entry ``"norm"`` or ``"all"`` is the kind
+  unless a module is literally named so);
 - a single module object;
 - a predicate ``(name, module) -> bool``.
 
@@ -259,15 +261,36 @@ def _by_patterns(
                 )
             picked[id(entry)] = None
             continue
+        if isinstance(entry, type) and issubclass(entry, nn.Module):
+            hits = [m for _, m in candidates if isinstance(m, entry)]
+            if not hits:
+                raise ICSValueError(
+                    f"{argument}: the entry {entry.__name__} matches no module (no module is "
+                    f"a {entry.__name__}); the model's module types are {_type_names(modules)}"
+                )
+            picked.update((id(m), None) for m in hits)
+            continue
         if not isinstance(entry, str):
             raise ICSTypeError(
-                f"{argument} entries must be module names, globs or modules, got "
-                f"{type(entry).__name__}"
+                f"{argument} entries must be module names, globs, 'norm', 'all', module types "
+                f"or modules, got {type(entry).__name__}"
             )
         if entry in names or (entry == "" and ROOT in names):
             picked[id(names[entry or ROOT])] = None
         elif entry in raw and id(raw[entry]) in by_id:
             picked[id(raw[entry])] = None
+        elif entry in ("norm", "all"):  # a kind, as in select(); no module is named so
+            if entry == "norm":
+                hits = [m for _, m in candidates if is_norm(m)]
+            else:
+                hits = [m for _, m in candidates if not m._modules]
+            if not hits:
+                what = "normalization layer" if entry == "norm" else "leaf module"
+                raise ICSValueError(
+                    f"{argument}: the entry {entry!r} matches no module: the model has no "
+                    f"{what}; its module types are {_type_names(modules)}"
+                )
+            picked.update((id(m), None) for m in hits)
         elif _is_glob(entry):
             hits = [m for name, m in candidates if fnmatch.fnmatchcase(name, entry)]
             if not hits:
@@ -377,7 +400,8 @@ def _known_axes(module: nn.Module) -> tuple[int, int, bool] | None:
     """(batch_axis, channel_axis, batch axis known from the module itself) or None."""
     if isinstance(module, _channels_first_types()) or is_unitization(module):
         return 0, 1, True
-    if isinstance(module, _channels_last_types()):
+    if isinstance(module, _channels_last_types()) or type(module).__name__ == "Conv1D":
+        # (Conv1D: the transformers library's linear layer of GPT-2, channels-last)
         flag = _batch_first(module)
         if flag is None:  # LayerNorm, Linear, ...: the batch axis depends on the context
             return 0, -1, False

@@ -68,7 +68,7 @@ NORM_BOUNDS: tuple[str, ...] = ("U3", "U4", "U5")
 KINDS: tuple[str, ...] = ("estimate", "lower", "upper", "floor", "drift", "gradient", "event")
 
 #: How a layer output becomes samples (:mod:`ics_toolkit.views`).
-VIEWS: tuple[str, ...] = ("flatten", "pixel", "channel")
+VIEWS: tuple[str, ...] = ("flatten", "pixel", "channel", "token")
 
 #: Which side of a layer the monitor measures.
 WHERE: tuple[str, ...] = ("output", "input", "both")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import os
 import time
 import warnings
@@ -39,7 +40,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ics_toolkit import _checks, _exchange, _failsafe, _inputs, _probe, _vocab, distributed
+from ics_toolkit import (
+    _checks,
+    _exchange,
+    _failsafe,
+    _inputs,
+    _probe,
+    _resume,
+    _token,
+    _vocab,
+    distributed,
+    fsdp,
+    sinks,
+)
 from ics_toolkit._gradient_rows import gradient_rows
 from ics_toolkit._memory import WORKING_COPIES, memory_plan
 from ics_toolkit._norm_snapshot import HatTransform, bound_layer
@@ -71,7 +84,10 @@ class ICSMonitor:
     ----------
     model : torch.nn.Module
         The network being trained (also wrapped in DDP or ``torch.compile``; see
-        :func:`ics_toolkit.capture`).
+        :func:`ics_toolkit.capture`; or sharded with FSDP2's ``fully_shard``, see
+        :mod:`ics_toolkit.fsdp`: build and step the monitor on every rank). Other
+        wrappers (FSDP1, DeepSpeed, tensor-parallel ``DTensor`` parameters) are
+        refused here.
     probe : Tensor, tuple, dict or DataLoader
         The fixed probe inputs, in the forms :func:`ics_toolkit.capture` takes, on the
         model's device; or a ``DataLoader``, from whose dataset ``probe_size`` samples
@@ -90,8 +106,10 @@ class ICSMonitor:
         ``pixel`` views (the ``channel`` view always uses ``per_coordinate``). Cost:
         ``exact`` is O(n^3) in the probe size n (fine to a few thousand); ``sliced``
         and ``max_sliced`` are lower bounds, far below W1 in high dimension.
-    views : sequence of {"flatten", "pixel", "channel"}
-        How a layer output becomes samples (see :mod:`ics_toolkit.views`).
+    views : sequence of {"flatten", "pixel", "channel", "token"}
+        How a layer output becomes samples (see :mod:`ics_toolkit.views`); ``token``:
+        each non-padded token of an (N, T, C) output is a sample in R^C (see
+        ``token_mask``), at most ``max_pixel_samples`` of them.
     where : {"output", "input", "both"}
         Measure the layers' outputs, inputs (keys ``name:input``) or both.
     bounds : bool
@@ -195,6 +213,21 @@ class ICSMonitor:
         goes on (:mod:`ics_toolkit._worker`); its rows appear at the next measured
         step, :meth:`results` or :meth:`detach`. Default (None): on when the model is
         on a CUDA device, off otherwise. The trajectory is the same to the bit.
+    log_to : SummaryWriter, callable or list, optional
+        Loggers the numbers are sent to as they are measured (on the measuring rank):
+        a ``torch.utils.tensorboard.SummaryWriter`` or any callable ``(step,
+        dict_of_scalars)``; names ``ics/<layer>/<quantity>`` (see
+        :mod:`ics_toolkit.sinks`).
+    axes, output_select, transform : optional
+        Passed on to the capture (:class:`ics_toolkit.Recorder`): per-layer
+        ``(batch_axis, channel_axis)`` overrides, which item of a structured output
+        to measure, and a ``(key, tensor) -> tensor`` applied in the hook
+        (``transform`` and ``sketch`` exclude each other).
+    token_mask : tensor, bool or None
+        The padding mask (N, T) of the ``token`` view (1 for real tokens). None
+        (default): the probe's ``attention_mask`` when the probe is a dict holding one,
+        else every position; False: every position. Every measured layer must produce
+        tokens of shape (N, T) (checked here). Not with ``gather=True``.
 
     Notes
     -----
@@ -279,6 +312,11 @@ class ICSMonitor:
         on_error: str = "warn",
         reuse_probe: bool = True,
         worker: bool | None = None,
+        log_to: Any = None,
+        axes: Mapping[str, tuple[int, int]] | None = None,
+        output_select: Any = None,
+        transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+        token_mask: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ICSTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -319,6 +357,8 @@ class ICSMonitor:
         self.sketch = sketch
         self._dist = distributed.context(rank, gather, group, gather_timeout)
         self._dist_broken = False
+        # FSDP2 (fully_shard): every rank runs the probe passes; unknown wrappers refused
+        self._fsdp = fsdp.check_wrappers(model, gradient=bool(gradient))
         sync_bn = _has_sync_bn(model)
         if self._dist.distributed and sync_bn and mode != "eval":
             if not gather:
@@ -359,9 +399,26 @@ class ICSMonitor:
             # bound layers need their input too, for the normalized values of U3 / U5
             return "both" if self._snapshots(module) else where
 
+        if sketch is not None and transform is not None:
+            raise ICSValueError(
+                "`sketch` stores a projection through the capture transform, so it cannot be "
+                "combined with `transform`; pass one of them"
+            )
         self.recorder = Recorder(
-            model, layers, sites, dtype=capture_dtype, mode=mode, seed=seed, device="model"
+            model,
+            layers,
+            sites,
+            dtype=capture_dtype,
+            mode=mode,
+            seed=seed,
+            device="model",
+            axes=axes,
+            output_select=output_select,
+            transform=transform,
         )
+        # the token view's padding mask (ics_toolkit._token), checked against the layers
+        mask = _token.resolve_mask(token_mask, self.probe, views, self._dist.exchanges)
+        self.config = dataclasses.replace(self.config, token_mask=mask)
         if sketch is not None:
             axes = {name: axes[0] for name, _, axes in self.recorder.selected()}
             self.recorder.transform = SketchTransform(sketch, seed, axes)
@@ -369,8 +426,10 @@ class ICSMonitor:
             modules = {name: module for name, module, _ in self.recorder.selected()}
             self.recorder.transform = HatTransform(modules, mode, capture_dtype)
         self._train_mode = mode
-        if self._dist.captures:
-            _probe.check_probe(self.recorder, self.probe)
+        if self._dist.captures or self._fsdp:  # FSDP2: the check's pass needs every rank
+            table = _probe.check_probe(self.recorder, self.probe)
+            axes = {name: axes for name, _, axes in self.recorder.selected()}
+            _token.check_layers(self.config.token_mask, table, axes)
         _inputs.check_probe_values(self.probe)  # fail-safe: a finite probe
         if self.gradient:  # fail-safe: loss_fn and targets tried once, side-effect free
             _inputs.check_loss(
@@ -384,6 +443,7 @@ class ICSMonitor:
 
         self._store = ResultStore(path if self._dist.measures else None, format=format, run=run)
         self.run = self._store.run
+        self._sink = sinks.as_sink(log_to, with_view=len(views) > 1)  # ics_toolkit.sinks
         self._handles: list[Any] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._params = [p for p in model.parameters()]
@@ -505,7 +565,12 @@ class ICSMonitor:
                 "is still open)"
             )
         self._current = self.step_count if step is None else int(step)
-        if not self.schedule(self._current) or not self._dist.captures or self._dist_broken:
+        if not self.schedule(self._current) or self._dist_broken:
+            return
+        if not self._dist.captures:
+            if self._fsdp:  # FSDP2: the measuring rank's probe pass needs this rank too
+                self._follow()
+                self._pending = {"follow": True}
             return
         start = time.perf_counter()
         carry, self._carry = self._carry, None
@@ -528,7 +593,7 @@ class ICSMonitor:
         # skipped step with fused optimizers (they may skip inside step() and still bump
         # the version counters); one copy serves both
         params = (
-            {n: p.detach().clone() for n, p in self.model.named_parameters()}
+            {n: fsdp.local(p.detach()).clone() for n, p in self.model.named_parameters()}
             if self.gradient or _fused(self._optimizer)
             else None
         )
@@ -550,14 +615,21 @@ class ICSMonitor:
         self.step_count = step + 1
         if pending is None:
             return
+        if pending.get("follow"):
+            self._follow()
+            return
         if self._dist.exchanges:
             _exchange.after_gather(self, step, pending)
             return
-        if self._skipped(pending):
+        # FSDP2: the probe pass runs on every rank whatever the step did
+        if self._skipped(pending) and not self._fsdp:
             self._record_skip(step, stacklevel=3)
             return
         start = time.perf_counter()
         after = self._capture()
+        if self._fsdp and self._skipped(pending):
+            self._record_skip(step, stacklevel=3)
+            return
         if self._reuse_probe and self._will_measure(step + 1):
             self._carry = (step + 1, after, self._read_state())
         self._measure(step, pending, pending["capture"], after, start)
@@ -802,6 +874,7 @@ class ICSMonitor:
             and self.sketch is None
             and bound_layer(module)
             and (self._local_stats or not isinstance(module, nn.SyncBatchNorm))
+            and not self._fsdp  # a rank holds only a shard of the affine parameters
         )
 
     def _capture(self) -> StepCapture:
@@ -826,16 +899,61 @@ class ICSMonitor:
         self._emit([_event(step, None, "skipped_step", msg)])
 
     def _skipped(self, pending: Mapping[str, Any]) -> bool:
-        versions = [p._version for p in self._params]
-        if versions == pending["versions"]:
-            return True
         values = pending["values"]
         if values is None:
-            return False
-        return all(torch.equal(v, p.detach()) for v, p in zip(values, self._params, strict=True))
+            return [p._version for p in self._params] == pending["versions"]
+        # fused optimizers (AdamW(fused=True)) may update without bumping the version
+        # counters: with copies at hand, the values decide
+        now = [fsdp.local(p.detach()) for p in self._params]  # DTensor: this rank's shard
+        return all(torch.equal(v, p) for v, p in zip(values, now, strict=True))
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """The monitor's state, to save with a training checkpoint.
+
+        Returns
+        -------
+        dict
+            Step count, measured-step count, run id, the rows kept in memory and the
+            number of part files written (plain Python values, picklable with
+            ``torch.save``). Call between optimizer steps.
+        """
+        return _resume.state_of(self)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue a checkpointed run: its schedule, step count, run id and results folder.
+
+        Build the monitor as for the original run (same model, layers and ``path``),
+        then load the state before training resumes. The schedule goes on from the
+        saved step count, ``results()`` holds the saved rows plus the new ones, and
+        new parts are appended to the same folder under the same run id; parts the
+        interrupted run wrote after the checkpoint are renamed ``superseded-part-...``
+        (its steps are measured again), so :func:`ics_toolkit.load_results` reads
+        every step once.
+
+        Parameters
+        ----------
+        state : dict
+            What :meth:`state_dict` returned.
+        """
+        _resume.load_into(self, state)
+
+    def _follow(self) -> None:
+        """FSDP2, on a rank that does not capture: run the probe pass, keep nothing.
+
+        The measuring rank's pass all-gathers the parameters, which needs every rank.
+        """
+        try:
+            self.recorder.dry_run(self.probe)
+        except Exception as err:
+            _exchange.warn_failure(
+                self, "the probe pass (FSDP2, taking part for the measuring rank)", err
+            )
 
     def _emit(self, rows: list[dict[str, Any]]) -> None:
         self._store.append(rows)
+        if self._sink is not None:
+            self._sink(rows)
 
 
 def _flush_at_exit(ref: Callable[[], ICSMonitor | None]) -> None:

@@ -89,6 +89,7 @@ from ics_toolkit._selection import (
 )
 from ics_toolkit._state import check_mode, preserved
 from ics_toolkit.errors import ICSTypeError, ICSUsageError, ICSValueError
+from ics_toolkit.fsdp import resharded
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -690,6 +691,7 @@ class Recorder:
         handles = []
         with (
             preserved(runner, mode=self.mode, seed=self.seed, parameters=self.copy_parameters),
+            resharded(runner),  # FSDP2: shard again what the pass unsharded (ics_toolkit.fsdp)
             _eager(runner),
         ):
             try:

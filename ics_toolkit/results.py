@@ -315,6 +315,7 @@ class ResultStore:
         self._first = 0
         self._table: pd.DataFrame | None = None  # everything read / typed so far
         self._count = 0
+        self._adopted: list[Path] = []  # parts of a resumed run, read at the next frame()
 
     def __len__(self) -> int:
         """Rows appended since construction or the last :meth:`clear`."""
@@ -347,8 +348,8 @@ class ResultStore:
         with an :class:`~ics_toolkit.errors.ICSRuntimeWarning`); earlier ones are not
         read again.
         """
-        new = _read_many(self._unread_parts(), strict=False)
-        self._unread = array("Q")
+        new = _read_many(self._adopted + self._unread_parts(), strict=False)
+        self._unread, self._adopted = array("Q"), []
         if self.writer is None and self._pending:
             new.append(_frame(self._pending))
             self._pending = []
@@ -371,8 +372,58 @@ class ResultStore:
 
     def clear(self) -> None:
         """Forget every row (part files on disk are kept; new parts are numbered on)."""
-        self._pending, self._unread, self._table = [], array("Q"), None
+        self._pending, self._unread, self._table, self._adopted = [], array("Q"), None, []
         self._count = 0
+
+    def state(self) -> dict[str, Any]:
+        """What a resumed run needs to go on (see :meth:`resume`), in plain Python values.
+
+        With a path: the run and the number of parts written (the rows are on disk).
+        Without: the run and the rows themselves.
+        """
+        if self.writer is not None:
+            return {"run": self.run, "parts": int(self.writer._count), "rows": []}
+        rows = [
+            {k: _plain(v) for k, v in row.items() if not _missing(v)}
+            for row in self.frame().to_dict("records")
+        ]
+        return {"run": self.run, "parts": None, "rows": rows}
+
+    def resume(self, state: Mapping[str, Any]) -> None:
+        """Continue the run that :meth:`state` described, in place of this store's rows.
+
+        With a path, parts of that run numbered at or past the saved count were written
+        after the checkpoint, for steps the resumed run measures again: they are renamed
+        ``superseded-part-...`` (kept, no longer read by :func:`load_results`); the
+        earlier parts are read into the table and new parts are numbered after them.
+        """
+        self.clear()
+        run = state.get("run") or self.run
+        self.run = run
+        if self.writer is not None:
+            self.writer.run = run
+            parts = int(state.get("parts") or 0)
+            for name in sorted(_names(self.writer.path)):
+                mark = _PART.match(name)
+                if not mark or mark["run"] != run:
+                    continue
+                path = self.writer.path / name
+                if int(mark["index"]) >= parts:
+                    path.rename(path.with_name("superseded-" + name))
+                else:
+                    self._adopted.append(path)
+                    self._count += int(mark["rows"]) if mark["rows"] else 0
+            self.writer._count = parts
+        self.append(dict(row) for row in state.get("rows", ()))
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (not isinstance(value, str | bytes) and bool(pd.isna(value)))
+
+
+def _plain(value: Any) -> Any:
+    """A table value as a plain Python scalar (numpy scalars unwrapped) for a checkpoint."""
+    return value.item() if hasattr(value, "item") else value
 
 
 def load_results(path: str | os.PathLike[str], *, strict: bool = False) -> pd.DataFrame:

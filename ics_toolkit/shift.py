@@ -76,6 +76,7 @@ class MeasureConfig:
     max_pixel_samples: int = 1024
     rtol: float = RTOL
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    token_mask: Any = None  # the probe's padding mask (N, T) for the ``token`` view, or None
     #: every method's options in full (defaults filled in, checked); set when built
     options: Mapping[str, Mapping[str, Any]] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -236,9 +237,10 @@ def _measure_step(
     keys = list(before.tensors) if keys is None else list(keys)
     rows: list[dict[str, Any]] = []
     groups: dict[tuple[str, str], dict[str, Any]] = {}  # (key, view) -> views and rows
-    # a view that holds every value (flatten, channel) is scanned for NaN / Inf through
+    # a view that holds every value (flatten, channel; not the subsampled pixel and token
+    # views) is scanned for NaN / Inf through
     # the float64 row norms the bounds and the drift use anyway; otherwise one scan
-    covering = next((v for v in config.views if v != "pixel"), None)
+    covering = next((v for v in config.views if v not in ("pixel", "token")), None)
     for key in keys:
         x, y = before.tensors[key], after.tensors[key]
         info = before.info[key]
@@ -250,9 +252,11 @@ def _measure_step(
             for name in config.views:
                 opts = (
                     {"max_samples": config.max_pixel_samples, "seed": config.seed}
-                    if name == "pixel"
+                    if name in ("pixel", "token")
                     else {}
                 )
+                if name == "token":
+                    opts["mask"] = config.token_mask
                 # float64 once here, not in every estimator below
                 xv = view(x, name, info, **opts).to(torch.float64)
                 yv = view(y, name, info, **opts).to(torch.float64)

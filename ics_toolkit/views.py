@@ -10,7 +10,9 @@ channel axis last) can be read as samples in three ways:
   generator;
 - :func:`channel`: the same (N*prod(spatial), C) matrix, read column by column: column
   c holds channel c's 1-D sample (per-channel 1-D W1 is exact by sorting); never
-  subsampled.
+  subsampled;
+- :func:`token`: for sequences, one sample per *non-padded* (input, position) in R^C:
+  the ``pixel`` rows whose padding mask is set, optionally subsampled to a cap.
 
 For a (N, C) tensor all three give (N, C) (``pixel`` subsamples only if
 ``max_samples < N``); for a (N,) tensor, (N, 1). Rows are ordered input-major
@@ -31,7 +33,7 @@ from ics_toolkit import _checks, _vocab
 from ics_toolkit._arrays import ArrayLike, to_tensor
 from ics_toolkit.errors import ICSTypeError, ICSValueError
 
-__all__ = ["VIEWS", "channel", "flatten", "pixel", "view"]
+__all__ = ["VIEWS", "channel", "flatten", "pixel", "token", "view"]
 
 VIEWS = _vocab.VIEWS
 
@@ -152,6 +154,91 @@ def pixel(
     return rows[keep.sort().values]
 
 
+def _subsample(rows: torch.Tensor, max_samples: int | None, seed: int) -> torch.Tensor:
+    if max_samples is None:
+        return rows
+    if not isinstance(max_samples, int) or isinstance(max_samples, bool) or max_samples < 1:
+        raise ICSValueError(f"`max_samples` must be a positive int or None, got {max_samples!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ICSTypeError(f"`seed` must be an int, got {type(seed).__name__}")
+    n = rows.shape[0]
+    if n <= max_samples:
+        return rows
+    gen = torch.Generator(device=rows.device)
+    gen.manual_seed(seed)
+    keep = torch.randperm(n, generator=gen, device=rows.device)[:max_samples]
+    return rows[keep.sort().values]
+
+
+def token(
+    t: ArrayLike,
+    mask: ArrayLike | None = None,
+    *,
+    batch_axis: int = 0,
+    channel_axis: int = -1,
+    max_samples: int | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """One C-dimensional sample per non-padded token.
+
+    Parameters
+    ----------
+    t : torch.Tensor or numpy.ndarray
+        A captured sequence tensor, e.g. (N, T, C) (``channel_axis=-1``) or (N, C, T)
+        (``channel_axis=1``).
+    mask : torch.Tensor, numpy.ndarray or None
+        The padding mask, true (or 1) for real tokens: shape (N, T), i.e. the shape of
+        ``t`` without its channel axis, batch axis first (an ``attention_mask``).
+        None keeps every position (then ``token`` is ``pixel``).
+    batch_axis : int
+        The axis indexing probe inputs.
+    channel_axis : int
+        The axis of features (-1 for (N, T, C)).
+    max_samples : int or None
+        Keep at most this many tokens, drawn without replacement (in their original
+        order) by a private generator seeded with ``seed``, after the padding is
+        removed; the same mask, shape and seed give the same tokens, so two captures
+        of one layer stay paired.
+    seed : int
+        Seed of the subsample.
+
+    Returns
+    -------
+    torch.Tensor
+        Shape (min(number of real tokens, max_samples), C), rows input-major.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from ics_toolkit.views import token
+    >>> x = torch.arange(2 * 3 * 4.0).reshape(2, 3, 4)  # 2 sequences of 3 tokens, C = 4
+    >>> mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    >>> token(x, mask)[:, 0].tolist()  # tokens (0, 0), (0, 1), (1, 0)
+    [0.0, 4.0, 12.0]
+    """
+    x = _check(t)
+    rows = _rows(x, batch_axis, channel_axis)
+    if mask is not None:
+        m = to_tensor(mask, "mask")
+        if x.ndim == 1:
+            positions: tuple[int, ...] = tuple(x.shape)
+        else:
+            b = _axis(batch_axis, x.ndim, "batch_axis")
+            c = _axis(channel_axis, x.ndim, "channel_axis")
+            positions = tuple(x.movedim((b, c), (0, x.ndim - 1)).shape[:-1])
+        if tuple(m.shape) != positions:
+            raise ICSValueError(
+                f"`mask` has shape {tuple(m.shape)}, but the tensor of shape {tuple(x.shape)} "
+                f"has tokens of shape {positions} (batch first, channel axis removed); pass "
+                "the padding mask of these inputs (e.g. the probe's attention_mask)"
+            )
+        keep = m.reshape(-1).to(device=rows.device) != 0
+        rows = rows[keep]
+        if rows.shape[0] == 0:
+            raise ICSValueError("`mask` marks no token as real; nothing to measure")
+    return _subsample(rows, max_samples, seed)
+
+
 def channel(t: ArrayLike, *, batch_axis: int = 0, channel_axis: int = 1) -> torch.Tensor:
     """Per-channel 1-D samples: column c holds every value of channel c.
 
@@ -192,14 +279,15 @@ def view(
     ----------
     t : torch.Tensor or numpy.ndarray
         A captured tensor.
-    name : {"flatten", "pixel", "channel"}
+    name : {"flatten", "pixel", "channel", "token"}
         The view.
     info_or_axes : CaptureInfo, tuple, dict or None
         Where the axes come from: a :class:`~ics_toolkit.recording.CaptureInfo` (or any
         object with ``batch_axis`` / ``channel_axis`` attributes), a pair
         ``(batch_axis, channel_axis)``, a dict with those keys, or None for (0, 1).
     **options
-        ``max_samples`` and ``seed`` for ``"pixel"``.
+        ``max_samples`` and ``seed`` for ``"pixel"`` and ``"token"``; ``mask`` for
+        ``"token"``.
 
     Returns
     -------
@@ -235,11 +323,19 @@ def view(
     if name == "flatten" or name == "channel":
         if options:
             raise ICSValueError(
-                f"options {sorted(options)} only apply to the 'pixel' view, not {name!r}"
+                f"options {sorted(options)} only apply to the 'pixel' view (and 'token'), "
+                f"not {name!r}"
             )
         if name == "flatten":
             return flatten(t, batch_axis)
         return channel(t, batch_axis=batch_axis, channel_axis=channel_axis)
+    if name == "token":
+        unknown = set(options) - {"max_samples", "seed", "mask"}
+        if unknown:
+            raise ICSValueError(
+                f"unknown token option(s) {sorted(unknown)}; use mask, max_samples, seed"
+            )
+        return token(t, batch_axis=batch_axis, channel_axis=channel_axis, **options)
     unknown = set(options) - {"max_samples", "seed"}
     if unknown:
         raise ICSValueError(f"unknown pixel option(s) {sorted(unknown)}; use max_samples, seed")
