@@ -212,7 +212,9 @@ class ICSMonitor:
         Run the analysis of a measured step on a background thread while training
         goes on (:mod:`ics_toolkit._worker`); its rows appear at the next measured
         step, :meth:`results` or :meth:`detach`. Default (None): on when the model is
-        on a CUDA device, off otherwise. The trajectory is the same to the bit.
+        on a CUDA device, off otherwise. The trajectory is the same to the bit; the
+        captures of the step being analysed are held until its analysis ends (at most
+        one more capture than without a worker).
     log_to : SummaryWriter, callable or list, optional
         Loggers the numbers are sent to as they are measured (on the measuring rank):
         a ``torch.utils.tensorboard.SummaryWriter`` or any callable ``(step,
