@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from ics_toolkit import _checks, _vocab
+from ics_toolkit import _checks, _vocab, diagnostics
 from ics_toolkit._norm_snapshot import NormSnapshot, norm_pair, norm_snapshot
+from ics_toolkit.bound_terms import bound_terms
 from ics_toolkit.bounding import RTOL, _bounds, check_order
 from ics_toolkit.distances import _halves, _kernel, _many, _parse_options
 from ics_toolkit.errors import ICSError, ICSTypeError, ICSValueError, ICSWarning
@@ -329,6 +330,7 @@ def _measure_groups(
                 g["rows"].append(_row("estimate", method, math.nan, warning=str(err)))
                 continue
             row = _row("estimate", method, value, wall_time_s=time.perf_counter() - start)
+            g.setdefault("logs", {})[method] = log  # read by diagnostics.step_rows
             row["solver_status"] = log.get("status")
             if log.get("status") not in (None, "optimal", "converged"):
                 row["warning"] = f"{method} solver status {log.get('status')}: value not W1"
@@ -356,6 +358,8 @@ def _measure_groups(
             seconds = time.perf_counter() - start
             for q, v in drift.items():
                 g["rows"].append(_row("drift", q, v, wall_time_s=seconds / len(drift)))
+        # scale, identity share, intervals and relative values (issue #13)
+        g["rows"].extend(diagnostics.step_rows(x, y, g["rows"], g.get("logs", {}), config))
         _check_group(step, key, name, g, config)
 
 
@@ -447,6 +451,8 @@ def _bound_rows(
         0 if have_max_sliced else config.n_projections,
         config.seed,
     )
+    if norms is not None:  # the terms that U3 / U5 add up (ics_toolkit.bound_terms)
+        values.update(bound_terms(*norms))
     seconds = time.perf_counter() - start
     if have_max_sliced:  # L3 tries the max_sliced directions too: reuse, don't recompute
         max_sliced = next(r["value"] for r in g["rows"] if r["quantity"] == "max_sliced")
