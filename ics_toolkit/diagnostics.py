@@ -26,7 +26,12 @@ import torch
 from ics_toolkit import _vocab, uncertainty
 from ics_toolkit.errors import ICSError
 
-__all__ = ["relative_rows", "rms_scale", "step_rows"]
+__all__ = ["MAX_SOLVED_N", "relative_rows", "rms_scale", "step_rows"]
+
+#: Largest number of rows whose exact interval is resolved resample by resample when the
+#: optimal plan is not the identity (above it the monitor reports no interval, with a
+#: warning on the row: 30 solves of an n x n problem at every step cost more than the step).
+MAX_SOLVED_N = 512
 
 
 def rms_scale(x: torch.Tensor) -> float:
@@ -91,6 +96,27 @@ def step_rows(
     if x.shape[0] == y.shape[0]:
         for method in _vocab.CI_METHODS:
             if method not in values or not math.isfinite(values[method]):
+                continue
+            share = float(logs.get(method, {}).get("identity_share", 0.0))
+            if (
+                method == "exact"
+                and share < 1 - uncertainty.IDENTITY_TOL
+                and x.shape[0] > MAX_SOLVED_N
+            ):
+                warning = (
+                    f"no interval: the exact plan is not the identity, and resolving "
+                    f"{uncertainty.DEFAULT_SOLVES} resamples of n = {x.shape[0]} rows (above "
+                    f"{MAX_SOLVED_N}) at every step would cost more than the step"
+                )
+                for name in _vocab.ci_names(method):
+                    out.append(
+                        {
+                            "quantity": name,
+                            "value": math.nan,
+                            "kind": "interval",
+                            "warning": warning,
+                        }
+                    )
                 continue
             try:
                 low, high, _ = uncertainty.interval(

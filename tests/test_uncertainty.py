@@ -189,3 +189,14 @@ def test_ci_argument_errors():
         ics.wasserstein(x, x[:7], ci=0.95, log=True)
     with pytest.raises(ics.ICSValueError, match=r"`ci_resamples` must be >= 10"):
         ics.wasserstein(x, x + 1, ci=0.95, log=True, ci_resamples=3)
+
+
+def test_monitor_skips_costly_exact_intervals_with_a_warning():
+    n = diagnostics.MAX_SOLVED_N + 1
+    x = torch.randn(n, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rows = [{"quantity": "exact", "value": 1.0, "kind": "estimate"}]
+    out = diagnostics.step_rows(x, x + 1, rows, {"exact": {"identity_share": 0.5}}, MeasureConfig())
+    limits = [r for r in out if r["kind"] == "interval"]
+    assert [r["quantity"] for r in limits] == ["exact_ci_low", "exact_ci_high"]
+    assert all(math.isnan(r["value"]) and "no interval" in r["warning"] for r in limits)
+    assert {r["quantity"] for r in out} >= {"scale", "identity_share", "relative_exact"}
