@@ -161,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--sweep-norms",
         type=_csv(str, "normalization names"),
-        default=["batch", "unitization=1"],
         metavar="LIST",
-        help="variants of the batch-size sweep (default: batch,unitization=1)",
+        help="variants of the batch-size sweep, among --norms (default: batch,unitization=1 "
+        "where --norms has them)",
     )
     run.add_argument("--steps", type=_positive, metavar="N", help="steps per variant (600)")
     run.add_argument(

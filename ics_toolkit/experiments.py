@@ -32,7 +32,7 @@ import pandas as pd
 
 from ics_toolkit import _checks
 from ics_toolkit._io import atomic_write, stale_temporaries
-from ics_toolkit._vocab import DEFAULT_METHODS, quantity_kind
+from ics_toolkit._vocab import DEFAULT_METHODS, quantity_kind, relative_name
 from ics_toolkit.errors import ICSValueError
 
 if TYPE_CHECKING:
@@ -86,6 +86,8 @@ _MAIN_DEFAULTS = {
     "probe_size": (128, 48),
     "batch_size": (128, 64),
     "n_projections": (64, 16),
+    # CNN channels of the main job's first stage (24 runs must fit ~2 minutes on 2 cores)
+    "cnn_width": (16, 8),
     "seeds": (3, 2),
     "sweep_batch_sizes": ((8, 32), (16,)),
 }
@@ -489,7 +491,7 @@ def run_main(
     overwrite: bool = False,
     seeds: int | Sequence[int] | None = None,
     sweep_batch_sizes: Sequence[int] | None = None,
-    sweep_norms: str | Sequence[str] = SWEEP_NORMS,
+    sweep_norms: str | Sequence[str] | None = None,
 ) -> ExperimentResult:
     """Train each normalization variant over several seeds and batch sizes; test the claims.
 
@@ -569,7 +571,8 @@ def run_main(
     data_root : str or Path, optional
         Folder of the CIFAR files.
     width : int, optional
-        Model width (see :func:`build_model`).
+        Model width (see :func:`build_model`; the CNN of the main job defaults to 16
+        channels in its first stage, 8 for quick).
     batch_size : int, optional
         Training batch size (default 128; quick 64).
     lr : float
@@ -590,9 +593,9 @@ def run_main(
     sweep_batch_sizes : sequence of int, optional
         Training batch sizes of the noise sweep besides ``batch_size`` (default
         (8, 32); quick (16,)); empty turns the sweep off.
-    sweep_norms : str or sequence of str
-        Variants of the sweep, a subset of ``norms`` (default BatchNorm and
-        Unitization with alpha = 1).
+    sweep_norms : str or sequence of str, optional
+        Variants of the sweep, a subset of ``norms`` (default: those of BatchNorm and
+        Unitization with alpha = 1 that ``norms`` has; none, no sweep).
 
     Returns
     -------
@@ -661,7 +664,12 @@ def run_main(
         )
         if b != batch_size
     ]
-    sweep = [name for name, _ in parse_norms(sweep_norms, "`sweep_norms`")] if sweep_sizes else []
+    if sweep_norms is None:  # the default sweep variants that this run trains
+        sweep = [v for v in SWEEP_NORMS if v in [name for name, _ in variants]]
+    else:
+        sweep = [name for name, _ in parse_norms(sweep_norms, "`sweep_norms`")]
+    sweep = sweep if sweep_sizes else []
+    sweep_sizes = sweep_sizes if sweep else []
     unknown = [v for v in sweep if v not in [name for name, _ in variants]]
     if unknown:
         raise ICSValueError(
@@ -670,6 +678,8 @@ def run_main(
         )
     _claim_out(out, _RUN_FILES, _RUN_FIGURES, True, overwrite)
 
+    if width is None and model == "cnn":
+        width = _MAIN_DEFAULTS["cnn_width"][q]
     data = _load_data(dataset, data_root, seed)
     if quick:
         data = data.subset(*_QUICK_SUBSET)
@@ -1037,7 +1047,9 @@ def draw_results(
     files += save_figure(fig, out / "ics_vs_step", formats=formats, dpi=dpi)
     fig = plot_heatmap(df, quantity=quantity, view=view)
     files += save_figure(fig, out / "heatmap", formats=formats, dpi=dpi)
-    fig = plot_compare(df, view=view, layers=layers)
+    relative = relative_name(quantity)  # variants compare by the scale-free values
+    compared = relative if (df["quantity"] == relative).any() else quantity
+    fig = plot_compare(df, quantity=compared, view=view, layers=layers)
     files += save_figure(fig, out / "bn_vs_unitization", formats=formats, dpi=dpi)
     if design is not None and design["batch_size"].nunique() > 1:
         fig = plot_batch_sweep(full, design, view=view)

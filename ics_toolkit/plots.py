@@ -31,6 +31,7 @@ from ics_toolkit.report import (
     NORM_BOUNDS,
     bound_band,
     check_columns,
+    default_quantity,
     order_layers,
     order_runs,
 )
@@ -392,9 +393,10 @@ def plot_compare(
         The tidy results table; ``run`` holds the variant (``"batch"``,
         ``"unitization"``, ``"none"``, ...).
     quantity : str, optional
-        The quantity drawn. Default: ``relative_exact`` (ICS divided by the RMS norm
-        of the layer's outputs, so variants whose outputs differ in scale compare)
-        when the table has it, else ``exact`` (W1 in the unit of the outputs). The
+        The quantity drawn. Default: ``relative_<q>`` for the first estimator ``q``
+        present (``exact`` when measured): ICS divided by the RMS norm of the layer's
+        outputs, so variants whose outputs differ in scale compare; else ``q`` itself
+        (W1 in the unit of the outputs). The
         probe-resampling 95 % interval is drawn as a band where measured.
     view : str
         The view drawn.
@@ -422,8 +424,10 @@ def plot_compare(
     """
     _checks.choice(yscale, "yscale", _YSCALES)
     if quantity is None:
-        present = set(df["quantity"].dropna().astype(str))
-        quantity = "relative_exact" if "relative_exact" in present else "exact"
+        check_columns(df, ("step", "layer", "view", "quantity", "value"))
+        base = default_quantity(df)
+        relative = _vocab.relative_name(base)
+        quantity = relative if (df["quantity"] == relative).any() else base
     band = _with_ci(_band(df, quantity, view), df, quantity, view)
     run_names = _subset(order_runs(band["run"]), runs, "runs")
     layer_names = _subset(order_layers(band["layer"]), layers, "layers")
