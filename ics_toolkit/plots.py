@@ -539,7 +539,8 @@ def plot_batch_sweep(
     variants = [v for v in order_runs(design["variant"]) if (design["variant"] == v).any()]
     sizes = sorted(design["batch_size"].astype(int).unique())
     with _style_context():
-        fig, axs, _ = _panels(2, ncols=2, axes=None)
+        fig, axs, _ = _panels(2, ncols=2, axes=None, sharex=False, panel=(5.2, 3.6))
+        plotted: list[float] = []
         for v_i, variant in enumerate(variants):
             style = series_style(v_i)
             for ax, quantities in zip(axs, (("exact",), ("U3", "U5")), strict=True):
@@ -559,14 +560,16 @@ def plot_batch_sweep(
                 if xs:
                     err = np.asarray(errs).T
                     ax.errorbar(xs, ys, yerr=err, capsize=3, label=variant, **style)
-        axs[0].set_title("relative ICS (exact W1 / RMS output norm)")
-        axs[1].set_title("relative normalization bound (U3 BatchNorm, U5 Unitization)")
+                    plotted += ys
+        axs[0].set_title("relative ICS: exact W1 / scale")
+        axs[1].set_title("relative bound: U3 (BatchNorm), U5 (Unitization)")
         for ax in axs:
             ax.set_xscale("log", base=2)
             ax.set_xticks(sizes, [str(b) for b in sizes])
+            ax.set_yscale("log")
             ax.minorticks_off()
-            ax.set_xlabel("training batch size (smaller: noisier steps)")
-        axs[0].set_ylabel(f"mean over layers and steps; bars: {level:.0%} CI over seeds")
+            ax.set_xlabel("training batch size (smaller: noisier)")
+        axs[0].set_ylabel(f"mean over layers, steps ({level:.0%} CI, seeds)")
         fig.suptitle("ICS and its bounds versus batch size (the noise sweep)")
         _legend(fig, axs, True)
     return fig
