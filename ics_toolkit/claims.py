@@ -317,7 +317,9 @@ def claims_markdown(claims: pd.DataFrame, level: float = DEFAULT_LEVEL) -> str:
     from ics_toolkit.report import markdown_table
 
     def fmt(v: float) -> str:
-        return "–" if not math.isfinite(v) else f"{v:.3g}"
+        if not math.isfinite(v):
+            return "–"
+        return f"{0.0 if abs(v) < 1e-12 else v:.3g}"  # a mean of +-x is 0, not 4e-17
 
     lines = [
         "## Claims",

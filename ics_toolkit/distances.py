@@ -864,9 +864,10 @@ def wasserstein(
         derangement of well separated points.
     ci : float, optional
         A confidence level in (0, 1) (e.g. 0.95): with ``log=True``, the log gains
-        ``ci_low``, ``ci_high``, ``ci_level`` and ``ci_how``, a paired percentile
-        bootstrap interval that resamples the rows (the same indices of ``x`` and
-        ``y``: row i of both is the same probe input), for the methods ``exact``,
+        ``ci_low``, ``ci_high``, ``ci_level`` and ``ci_how``, a paired basic
+        (reverse-percentile) bootstrap interval that resamples the rows (the same
+        indices of ``x`` and ``y``: row i of both is the same probe input), for the
+        methods ``exact``,
         ``paired``, ``sliced`` and ``max_sliced`` (n == m needed); see
         :mod:`ics_toolkit.uncertainty`. An exact W1 whose optimal plan is the
         identity is resampled in closed form (it equals the resampled paired mean);
