@@ -10,21 +10,28 @@ from __future__ import annotations
 
 __all__ = [
     "BATCHED_METHODS",
+    "BOUND_TERMS",
+    "CI_METHODS",
     "DEFAULT_METHODS",
     "ESTIMATORS",
     "FLOORLESS",
+    "IDENTITY_SHARE",
     "KINDS",
     "LOWER_BOUNDS",
     "METHODS",
     "MODES",
     "NORM_BOUNDS",
     "PRESETS",
+    "SCALE",
     "THEORY_LOWER",
     "THEORY_UPPER",
     "UPPER_BOUNDS",
     "VIEWS",
     "WHERE",
+    "ci_names",
+    "per_lr_name",
     "quantity_kind",
+    "relative_name",
 ]
 
 #: The W1 estimators, i.e. the valid ``method`` names of :func:`ics_toolkit.wasserstein`.
@@ -64,8 +71,58 @@ UPPER_BOUNDS: tuple[str, ...] = ("paired", *THEORY_UPPER)
 #: authors' layer): unlike U1 / U2 they do not follow the measured displacement.
 NORM_BOUNDS: tuple[str, ...] = ("U3", "U4", "U5")
 
-#: Values of the results table's ``kind`` column.
-KINDS: tuple[str, ...] = ("estimate", "lower", "upper", "floor", "drift", "gradient", "event")
+#: The RMS norm sqrt(mean_i ||X_i||^2) of a layer's outputs at step t (kind ``stat``):
+#: the unit of the scale-free ``relative_<estimate>`` rows.
+SCALE = "scale"
+#: Mass the optimal plan of the ``exact`` W1 keeps on the pairs (i, i) (kind ``stat``).
+IDENTITY_SHARE = "identity_share"
+
+#: Estimators the monitor gives a confidence interval (``<method>_ci_low`` /
+#: ``<method>_ci_high`` rows, kind ``interval``; :mod:`ics_toolkit.uncertainty`).
+CI_METHODS: tuple[str, ...] = ("exact", "paired")
+
+#: The terms of the normalization bounds (kind ``term``; :mod:`ics_toolkit.bound_terms`):
+#: each bound is the sum of its terms.
+BOUND_TERMS: dict[str, tuple[str, ...]] = {
+    "U3": ("U3_core", "U3_gamma", "U3_beta"),
+    "U5": ("U5_unit", "U5_bn", "U5_alpha", "U5_gamma", "U5_beta"),
+}
+
+#: Values of the results table's ``kind`` column: ``stat`` (scale, identity share),
+#: ``relative`` (an estimate divided by the scale), ``interval`` (confidence limits),
+#: ``term`` (one term of a bound), ``rate`` (an estimate per unit of learning rate).
+KINDS: tuple[str, ...] = (
+    "estimate",
+    "lower",
+    "upper",
+    "floor",
+    "drift",
+    "gradient",
+    "event",
+    "stat",
+    "relative",
+    "interval",
+    "term",
+    "rate",
+)
+
+_TERMS = frozenset(t for terms in BOUND_TERMS.values() for t in terms)
+
+
+def relative_name(quantity: str) -> str:
+    """Name of the scale-free row of an estimate: ``relative_<quantity>``."""
+    return f"relative_{quantity}"
+
+
+def ci_names(quantity: str) -> tuple[str, str]:
+    """Names of the confidence limits of an estimate: ``<quantity>_ci_low`` / ``_ci_high``."""
+    return f"{quantity}_ci_low", f"{quantity}_ci_high"
+
+
+def per_lr_name(quantity: str) -> str:
+    """Name of an estimate per unit of learning rate: ``<quantity>_per_lr``."""
+    return f"{quantity}_per_lr"
+
 
 #: How a layer output becomes samples (:mod:`ics_toolkit.views`).
 VIEWS: tuple[str, ...] = ("flatten", "pixel", "channel", "token")
@@ -92,7 +149,19 @@ def quantity_kind(quantity: str) -> str:
     --------
     >>> [quantity_kind(q) for q in ("exact", "L2", "U3", "floor_exact", "drift_var")]
     ['estimate', 'lower', 'upper', 'floor', 'drift']
+    >>> [quantity_kind(q) for q in ("scale", "relative_exact", "exact_ci_low", "U3_core")]
+    ['stat', 'relative', 'interval', 'term']
     """
+    if quantity in (SCALE, IDENTITY_SHARE):
+        return "stat"
+    if quantity.startswith("relative_"):
+        return "relative"
+    if quantity.endswith(("_ci_low", "_ci_high")):
+        return "interval"
+    if quantity.endswith("_per_lr"):
+        return "rate"
+    if quantity in _TERMS:
+        return "term"
     if quantity.startswith("floor_"):
         return "floor"
     if quantity.startswith("drift_"):

@@ -300,6 +300,19 @@ def _u3_stored(
 ) -> float:
     """U3 of the flatten view straight from stored normalized values (the monitor's path).
 
+    The sum of :func:`_u3_stored_terms`.
+    """
+    return sum(_u3_stored_terms(xa, xb, weights, biases))
+
+
+def _u3_stored_terms(
+    xa: torch.Tensor,
+    xb: torch.Tensor,
+    weights: tuple[torch.Tensor | None, torch.Tensor | None],
+    biases: tuple[torch.Tensor | None, torch.Tensor | None],
+) -> tuple[float, float, float]:
+    """The terms of U3 (core, gamma change, beta change) from stored normalized values.
+
     ``xa``, ``xb`` are a BatchNorm layer's normalized values before and after the step,
     shape (n, C, *spatial) in their storage dtype; ``weights`` and ``biases`` the
     per-channel (C,) parameters (None: 1 and 0). The same formula as :func:`_u3` on
@@ -331,7 +344,7 @@ def _u3_stored(
     scale_change = math.sqrt(max(float(torch.dot((wa - wb).square(), column_sq)) / n, 0.0))
     positions = d // channels  # a per-channel shift moves every position of its channel
     shift_change = math.sqrt(positions * float((ba - bb).square().sum()))
-    return float(wa.abs().max()) * core + scale_change + shift_change
+    return float(wa.abs().max()) * core, scale_change, shift_change
 
 
 def _u4(a: _Norm, b: _Norm) -> float:

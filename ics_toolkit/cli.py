@@ -19,6 +19,7 @@ so Ctrl-C (exit 130) or ``kill -9`` keeps everything measured but the step in fl
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from collections.abc import Sequence
@@ -139,10 +140,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--norms",
         type=_csv(str, "normalization names"),
-        default=["batch", "unitization", "none"],
+        default=["batch", "unitization", "unitization=1", "none"],
         metavar="LIST",
         help="variants: batch, unitization, group, layer, none, unitization=ALPHA "
-        "(default: batch,unitization,none)",
+        "(default: batch,unitization,unitization=1,none)",
+    )
+    run.add_argument(
+        "--seeds",
+        type=_positive,
+        metavar="K",
+        help="seeds per run, from --seed on (default 3; quick 2); claims get intervals over them",
+    )
+    run.add_argument(
+        "--sweep-batch-sizes",
+        type=_csv(_positive, "batch sizes"),
+        metavar="LIST",
+        help="extra training batch sizes of the noise sweep (default 8,32; quick 16; "
+        "'--sweep-batch-sizes 128' or the base batch alone turns it off)",
+    )
+    run.add_argument(
+        "--sweep-norms",
+        type=_csv(str, "normalization names"),
+        metavar="LIST",
+        help="variants of the batch-size sweep, among --norms (default: batch,unitization=1 "
+        "where --norms has them)",
     )
     run.add_argument("--steps", type=_positive, metavar="N", help="steps per variant (600)")
     run.add_argument(
@@ -271,6 +292,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         overwrite=args.overwrite,
+        seeds=args.seeds,
+        sweep_batch_sizes=args.sweep_batch_sizes,
+        sweep_norms=args.sweep_norms,
     )
     print(result.summary)
     _print_files(result.files)
@@ -357,6 +381,21 @@ def _collect(paths: Sequence[str]) -> tuple[list[Path], list[Path]]:
     return results, sweeps
 
 
+def _design_of(path: Path) -> Any:
+    """The main job's runs (``design`` of the run folder's config.json), or None."""
+    import pandas as pd
+
+    folder = path if path.is_dir() else path.parent
+    for candidate in (folder / "config.json", folder.parent / "config.json"):
+        try:
+            design = json.loads(candidate.read_text()).get("design")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if design:
+            return pd.DataFrame(design)
+    return None
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -371,7 +410,10 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     files: list[Path] = []
     if results:
         table = pd.concat([load_results(p, strict=args.strict) for p in results], ignore_index=True)
-        files += draw_results(table, out, quantity=args.quantity, view=args.view, formats=formats)
+        design = _design_of(results[0]) if len(results) == 1 else None
+        files += draw_results(
+            table, out, quantity=args.quantity, view=args.view, formats=formats, design=design
+        )
     for sweep in sweeps:
         table = _read_table(sweep)
         need = ("variant", "dim", "noise", "quantity", "value")

@@ -475,6 +475,9 @@ def _exact(
     if tx.shape[1] == 1:  # 1-D: exact by sorting, the same value as the LP
         value = float(_sliced.w1_sorted(torch.sort(tx[:, 0]).values, torch.sort(ty[:, 0]).values))
         info.update(solver="sorted_1d", status="optimal", result_code=1, numItermax=None)
+        if n == m:  # the sorted matching keeps (i, i) where both ranks agree
+            same = torch.argsort(tx[:, 0], stable=True) == torch.argsort(ty[:, 0], stable=True)
+            info["identity_share"] = float(same.double().mean())
         return value, info
     _check_memory(n, m, _EXACT_BYTES_PER_CELL, opts["memory_limit"], "exact")
     ot = import_ot()  # lazily: importing POT is slow and may touch the GPU
@@ -486,12 +489,14 @@ def _exact(
     with warnings.catch_warnings():
         for message in _POT_EMD_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=UserWarning)
-        value, pot_log = ot.emd2(a, b, cost, numItermax=num_iter, log=True)
+        plan, pot_log = ot.emd(a, b, cost, numItermax=num_iter, log=True)
     code = int(pot_log["result_code"])
     status = _EMD_STATUS.get(code, f"result_code {code}")
-    value = float(value)
+    value = float(pot_log["cost"])  # the solver's cost: the value ot.emd2 returns
+    if n == m:  # the mass the optimal plan keeps on the pairs (i, i)
+        info["identity_share"] = float(np.trace(plan))
     info.update(
-        solver="ot.emd2",
+        solver="ot.emd",
         status=status,
         result_code=code,
         numItermax=num_iter,
@@ -774,6 +779,8 @@ def wasserstein(
     n_projections: int = 128,
     seed: int = 0,
     log: bool = False,
+    ci: float | None = None,
+    ci_resamples: int = 400,
     **options: Any,
 ) -> Value | tuple[Value, dict[str, Any]]:
     r"""Wasserstein-1 (Earth Mover) distance between two samples, or an estimate of it.
@@ -863,7 +870,23 @@ def wasserstein(
         standard error of ``sliced``: the standard deviation of the per-direction
         values, ddof = 1, over sqrt(L)) for sliced; ``argmax`` for max_sliced;
         ``reg_absolute``, ``marginal_error``, ``lower_slack``,
-        ``entropic_bias_bound``, ``status`` for sinkhorn).
+        ``entropic_bias_bound``, ``status`` for sinkhorn). For ``exact`` with
+        n == m also ``identity_share``: the mass the optimal plan keeps on the pairs
+        (i, i), in [0, 1]. 1 means the same-row coupling is optimal (exact = paired:
+        the step moved every point less than the gaps between points); 0 for a
+        derangement of well separated points.
+    ci : float, optional
+        A confidence level in (0, 1) (e.g. 0.95): with ``log=True``, the log gains
+        ``ci_low``, ``ci_high``, ``ci_level`` and ``ci_how``, a paired basic
+        (reverse-percentile) bootstrap interval that resamples the rows (the same
+        indices of ``x`` and ``y``: row i of both is the same probe input), for the
+        methods ``exact``,
+        ``paired``, ``sliced`` and ``max_sliced`` (n == m needed); see
+        :mod:`ics_toolkit.uncertainty`. An exact W1 whose optimal plan is the
+        identity is resampled in closed form (it equals the resampled paired mean);
+        otherwise 30 resamples are solved.
+    ci_resamples : int
+        Bootstrap resamples of the closed-form intervals (>= 10).
     **options
         Method options listed above; ``dtype`` (a floating torch dtype, or None for
         the inputs' dtype) sets the computation dtype of paired / sliced /
@@ -903,8 +926,52 @@ def wasserstein(
     method, log, opts, n_projections, seed = _checked_call(
         method, log, options, n_projections, seed
     )
+    if ci is not None:
+        ci, ci_resamples = _check_ci(ci, ci_resamples, log)
     value, info = _single(x, y, ("x", "y"), method, opts, n_projections, seed)
+    if ci is not None:
+        _add_interval(method, x, y, info, opts, n_projections, seed, ci, ci_resamples)
     return (value, info) if log else value
+
+
+def _check_ci(ci: Any, ci_resamples: Any, log: bool) -> tuple[float, int]:
+    from ics_toolkit import uncertainty
+
+    level = uncertainty.check_level(ci)
+    if not log:
+        raise ICSValueError(
+            "`ci` returns the interval in the log: pass log=True as well, e.g. "
+            "value, info = wasserstein(x, y, ci=0.95, log=True)"
+        )
+    return level, uncertainty.resamples_arg(ci_resamples)
+
+
+def _add_interval(
+    method: str,
+    x: ArrayLike,
+    y: ArrayLike,
+    info: dict[str, Any],
+    opts: dict[str, Any],
+    n_projections: int,
+    seed: int,
+    level: float,
+    n_resamples: int,
+) -> None:
+    """Put the probe-resampling interval of one estimate into its log."""
+    from ics_toolkit import uncertainty
+
+    tx, ty = _convert_pair(x, y, ("x", "y"), dtype=torch.float64, check_finite=True)
+
+    def solve(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(_exact(a, b, {**opts, "on_failure": "raise"})[0])
+
+    directions = None
+    if method in ("sliced", "max_sliced"):
+        directions = _directions(tx.shape[1], n_projections, seed, tx.device, torch.float64)
+    low, high, how = uncertainty.interval(
+        method, tx, ty, info, solve, level, n_resamples, seed, directions
+    )
+    info.update(ci_low=low, ci_high=high, ci_level=level, ci_how=how)
 
 
 def wasserstein_many(

@@ -32,7 +32,7 @@ import pandas as pd
 
 from ics_toolkit import _checks
 from ics_toolkit._io import atomic_write, stale_temporaries
-from ics_toolkit._vocab import DEFAULT_METHODS, quantity_kind
+from ics_toolkit._vocab import DEFAULT_METHODS, quantity_kind, relative_name
 from ics_toolkit.errors import ICSValueError
 
 if TYPE_CHECKING:
@@ -55,8 +55,12 @@ __all__ = [
     "sweep_dim",
 ]
 
-#: Normalization variants of the main experiment, in order.
-DEFAULT_NORMS: tuple[str, ...] = ("batch", "unitization", "none")
+#: Normalization variants of the main experiment, in order: BatchNorm, the authors'
+#: Unitization as they start it (alpha = 0, where it is BatchNorm), Unitization with
+#: alpha = 1 (pure unitized outputs) and no normalization.
+DEFAULT_NORMS: tuple[str, ...] = ("batch", "unitization", "unitization=1", "none")
+#: Variants of the batch-size (noise) sweep of the main experiment.
+SWEEP_NORMS: tuple[str, ...] = ("batch", "unitization=1")
 #: Reference models :func:`run_main` can train.
 MODELS: tuple[str, ...] = ("cnn", "mlp", "resnet20")
 
@@ -77,11 +81,15 @@ SWEEP_COLUMNS: dict[str, str] = {
 
 _MAIN_DEFAULTS = {
     # full run / quick run
-    "steps": (600, 24),
-    "every": (10, 4),
-    "probe_size": (256, 64),
+    "steps": (200, 16),
+    "every": (20, 4),
+    "probe_size": (128, 48),
     "batch_size": (128, 64),
-    "n_projections": (128, 32),
+    "n_projections": (64, 16),
+    # CNN channels of the main job's first stage (24 runs must fit ~2 minutes on 2 cores)
+    "cnn_width": (16, 8),
+    "seeds": (3, 2),
+    "sweep_batch_sizes": ((8, 32), (16,)),
 }
 _WIDTH = {"cnn": (32, 8), "resnet20": (16, 8)}
 _HIDDEN = ((256, 256, 256), (32, 32))
@@ -259,7 +267,7 @@ def _seed(seed: Any, argument: str = "`seed`") -> int:
 
 #: Files of ``ics-toolkit run`` in its output folder (figures: these stems, any format).
 _RUN_FILES = ("config.json", "training.csv", "results.csv", "results.parquet", "summary.md")
-_RUN_FIGURES = ("ics_vs_step", "heatmap", "bn_vs_unitization")
+_RUN_FIGURES = ("ics_vs_step", "heatmap", "bn_vs_unitization", "batch_sweep")
 #: Files of ``ics-toolkit sweep-dim``.
 _SWEEP_FILES = ("config.json", "sweep.csv", "sweep_summary.md")
 _SWEEP_FIGURES = ("bounds_vs_dim",)
@@ -481,19 +489,36 @@ def run_main(
     n_projections: int | None = None,
     formats: Sequence[str] = ("png", "svg"),
     overwrite: bool = False,
+    seeds: int | Sequence[int] | None = None,
+    sweep_batch_sizes: Sequence[int] | None = None,
+    sweep_norms: str | Sequence[str] | None = None,
 ) -> ExperimentResult:
-    """Train one model per normalization variant and measure every layer's ICS.
+    """Train each normalization variant over several seeds and batch sizes; test the claims.
 
-    For each variant the same architecture is built with the same initial-weight seed
-    (only the normalization layers differ), trained with SGD (Nesterov momentum 0.9,
-    weight decay 5e-4, learning rate divided by 10 at 50 % and 75 % of the run) on
-    the same batch order, and monitored by :class:`~ics_toolkit.ICSMonitor` at the
-    normalization positions: the BatchNorm / Unitization layers, and for ``"none"``
-    the ``Identity`` placeholders at the same names, so layer names match across
-    variants. Each measured step t gives the W1 estimators between the layer's
-    outputs on a fixed probe (drawn once from the training set) before and after the
-    update t -> t+1, their sampling floors, the theory's bounds (L1..L3, U1, U2 and
-    U3 for BatchNorm, U5 for Unitization) and the moment drift.
+    The runs (``config.json``'s ``design``): every variant of ``norms`` at
+    ``batch_size`` for each of ``seeds`` seeds, and every variant of ``sweep_norms``
+    at each of ``sweep_batch_sizes`` (the noise sweep: smaller batches are noisier
+    steps) for the same seeds. A run is labelled by its variant, plus ``-b<batch>``
+    off ``batch_size`` and ``-s<seed>`` off ``seed`` (``batch``, ``batch-b8``,
+    ``unitization=1-s1``, ...). ``summary.md`` opens with a "Claims" section
+    (:mod:`ics_toolkit.claims`: each claim of the paper, its statistic per seed, the
+    interval over seeds and a verdict computed from the table), then the per-layer
+    tables of the base runs (first seed, ``batch_size``).
+
+    For each run the same architecture is built with the run's seed as the
+    initial-weight seed (within a seed, only the normalization layers differ), trained
+    with SGD (Nesterov momentum 0.9, weight decay 5e-4, learning rate divided by 10 at
+    50 % and 75 % of the run) on the seed's batch order, and monitored by
+    :class:`~ics_toolkit.ICSMonitor` at the normalization positions: the BatchNorm /
+    Unitization layers, and for ``"none"`` the ``Identity`` placeholders at the same
+    names, so layer names match across variants. Each measured step t gives the W1
+    estimators between the layer's outputs on a fixed probe (drawn once from the
+    training set) before and after the update t -> t+1, their sampling floors, the
+    theory's bounds (L1..L3, U1, U2 and U3 for BatchNorm, U5 for Unitization) with their
+    terms, the moment drift, the output scale with the relative (scale-free) values, the
+    identity share of the exact plan and the probe-resampling 95 % intervals; after
+    training, ICS per unit of learning rate (``exact_per_lr``,
+    ``relative_exact_per_lr``) is added from the learning rate of each step.
 
     Parameters
     ----------
@@ -508,9 +533,10 @@ def run_main(
         At the end: ``results.csv`` (the tidy table of every variant,
         :data:`ics_toolkit.results.COLUMNS`, ``run`` = variant), ``results.parquet``
         (if pyarrow is installed), the final ``summary.md`` and the plots (PNG and
-        SVG): ``ics_vs_step`` (a row of layer panels per variant), ``heatmap`` and
-        ``bn_vs_unitization`` (see :func:`draw_results`). Every file is written
-        atomically (a temporary file renamed into place).
+        SVG): ``ics_vs_step`` (a row of layer panels per base run), ``heatmap``,
+        ``bn_vs_unitization`` (relative ICS of every variant with 95 % bands) and
+        ``batch_sweep`` (ICS and bounds versus batch size; see :func:`draw_results`).
+        Every file is written atomically (a temporary file renamed into place).
     model : {"cnn", "mlp", "resnet20"}
         See :func:`build_model`.
     dataset : {"digits", "shapes", "blobs", "cifar10", "cifar100"}
@@ -519,15 +545,16 @@ def run_main(
         is downloaded. ``blobs`` are vectors: use ``model="mlp"``.
     norms : str or sequence of str
         The variants (see :func:`parse_norms`); default BatchNorm, Unitization (the
-        authors' layer, alpha initialised to 0) and none.
+        authors' layer, alpha initialised to 0, where it is BatchNorm), Unitization
+        with alpha initialised to 1 (pure unitized outputs) and none.
     steps : int, optional
-        Optimizer steps per variant (default 600; quick 24).
+        Optimizer steps per run (default 200; quick 16).
     probe_size : int, optional
-        Probe inputs (default 256; quick 64). Exact W1 costs O(n^3) in it.
+        Probe inputs (default 128; quick 48). Exact W1 costs O(n^3) in it.
     methods : str or sequence of str
         W1 estimators (:func:`ics_toolkit.wasserstein` methods).
     every : int or str, optional
-        Measure every k steps (default 10; quick 4), or ``"log:END[:N]"``.
+        Measure every k steps (default 20; quick 4), or ``"log:END[:N]"``.
     views : str or sequence of str
         Views of the layer outputs (``flatten``, ``pixel``, ``channel``).
     device : str
@@ -544,19 +571,31 @@ def run_main(
     data_root : str or Path, optional
         Folder of the CIFAR files.
     width : int, optional
-        Model width (see :func:`build_model`).
+        Model width (see :func:`build_model`; the CNN of the main job defaults to 16
+        channels in its first stage, 8 for quick).
     batch_size : int, optional
         Training batch size (default 128; quick 64).
     lr : float
         Initial learning rate.
     n_projections : int, optional
-        Random directions of the sliced estimators and L3 (default 128; quick 32).
+        Random directions of the sliced estimators and L3 (default 64; quick 16).
     formats : sequence of str
         Figure formats; empty writes no figure.
     overwrite : bool
         A folder holding an earlier run (its ``config.json``, ``parts/``, tables or
         figures) is refused unless True; then exactly those files are removed first,
         so no earlier variant mixes into the new results (other files are kept).
+    seeds : int or sequence of int, optional
+        How many seeds (``seed``, ``seed + 1``, ...; default 3, quick 2) or which.
+        Every seed sets a run's initial weights, batch order and measurement seeds;
+        the probe is the same for all (drawn with ``seed``). The claims' intervals
+        are over the seeds (one seed gives no interval, so no verdict).
+    sweep_batch_sizes : sequence of int, optional
+        Training batch sizes of the noise sweep besides ``batch_size`` (default
+        (8, 32); quick (16,)); empty turns the sweep off.
+    sweep_norms : str or sequence of str, optional
+        Variants of the sweep, a subset of ``norms`` (default: those of BatchNorm and
+        Unitization with alpha = 1 that ``norms`` has; none, no sweep).
 
     Returns
     -------
@@ -576,6 +615,7 @@ def run_main(
     import torch
 
     import ics_toolkit
+    from ics_toolkit.claims import add_per_lr
     from ics_toolkit.monitor import ICSMonitor
     from ics_toolkit.plots import check_formats
     from ics_toolkit.report import summary_markdown
@@ -614,8 +654,32 @@ def run_main(
     if formats:
         formats = check_formats(formats)
     out = _prepare_out(out_dir, create=False)
+    seed_list = _seed_list(seeds if seeds is not None else _MAIN_DEFAULTS["seeds"][q], seed)
+    sweep_sizes = [
+        _positive_int(b, "`sweep_batch_sizes` entries")
+        for b in (
+            sweep_batch_sizes
+            if sweep_batch_sizes is not None
+            else _MAIN_DEFAULTS["sweep_batch_sizes"][q]
+        )
+        if b != batch_size
+    ]
+    if sweep_norms is None:  # the default sweep variants that this run trains
+        sweep = [v for v in SWEEP_NORMS if v in [name for name, _ in variants]]
+    else:
+        sweep = [name for name, _ in parse_norms(sweep_norms, "`sweep_norms`")]
+    sweep = sweep if sweep_sizes else []
+    sweep_sizes = sweep_sizes if sweep else []
+    unknown = [v for v in sweep if v not in [name for name, _ in variants]]
+    if unknown:
+        raise ICSValueError(
+            f"`sweep_norms` names {unknown}, which are not among `norms` "
+            f"{[name for name, _ in variants]}; sweep a subset of the variants"
+        )
     _claim_out(out, _RUN_FILES, _RUN_FIGURES, True, overwrite)
 
+    if width is None and model == "cnn":
+        width = _MAIN_DEFAULTS["cnn_width"][q]
     data = _load_data(dataset, data_root, seed)
     if quick:
         data = data.subset(*_QUICK_SUBSET)
@@ -625,7 +689,10 @@ def run_main(
     probe_idx = torch.randperm(n_train, generator=gen)[: min(probe_size, n_train)]
     probe = data.x_train[probe_idx].to(dev)
     names = [name for name, _ in variants]
+    specs = dict(variants)
     shown = "flatten" if "flatten" in views else views[0]  # the view of the summary and plots
+    design = _design(names, sweep, seed_list, batch_size, sweep_sizes)
+    base_runs = [r["run"] for r in design if r["seed"] == seed and r["batch_size"] == batch_size]
 
     # config.json first: a folder with it holds a run, finished or not ("status")
     out.mkdir(parents=True, exist_ok=True)
@@ -635,6 +702,10 @@ def run_main(
         "model": model,
         "dataset": dataset,
         "norms": names,
+        "seeds": seed_list,
+        "sweep_norms": sweep,
+        "sweep_batch_sizes": sweep_sizes,
+        "design": design,
         "layers": slots,
         "steps": steps,
         "every": every,
@@ -662,21 +733,29 @@ def run_main(
     curves = []
     timings: dict[str, float] = {}
     notes = [
-        f"Model `{model}` on `{dataset}`, {steps} SGD steps per variant (batch {batch_size}, "
-        f"lr {lr:g}), ICS measured every {every} step(s) on a fixed probe of "
-        f"{int(probe.shape[0])} training inputs, seed {seed}" + (" (quick run)." if quick else "."),
+        f"Model `{model}` on `{dataset}`, {steps} SGD steps per run (lr {lr:g}, divided by 10 "
+        f"at 50 % and 75 % of the steps), ICS measured every {every} step(s) on a fixed probe "
+        f"of {int(probe.shape[0])} training inputs. Variants {', '.join(names)} at batch "
+        f"{batch_size} with seeds {', '.join(map(str, seed_list))}; batch-size (noise) sweep "
+        f"of {', '.join(sweep) or 'no variant'} at batch "
+        f"{', '.join(map(str, sweep_sizes)) or '-'} with the same seeds"
+        + (" (quick run)." if quick else "."),
     ]
     _say(
         progress,
         f"ics-toolkit run: model {model} on {dataset} ({n_train} training inputs), "
-        f"{len(variants)} variant(s) x {steps} steps, ICS of {len(slots)} layer(s) every "
-        f"{every} step(s) on a probe of {probe.shape[0]}, methods {', '.join(methods)}",
+        f"{len(design)} runs ({len(names)} variant(s) x {len(seed_list)} seed(s), batch sweep "
+        f"{sweep_sizes}) x {steps} steps, ICS of {len(slots)} layer(s) every {every} step(s) "
+        f"on a probe of {probe.shape[0]}, methods {', '.join(methods)}",
     )
     table = pd.DataFrame()
     try:
-        for i, (name, spec) in enumerate(variants, 1):
+        for i, spec_row in enumerate(design, 1):
+            name = spec_row["run"]
+            run_seed, run_batch = spec_row["seed"], spec_row["batch_size"]
             t0 = time.perf_counter()
-            net = build_model(model, spec, data, width=width, seed=seed, quick=quick).to(dev)
+            spec = specs[spec_row["variant"]]
+            net = build_model(model, spec, data, width=width, seed=run_seed, quick=quick).to(dev)
             monitor = ICSMonitor(
                 net,
                 probe,
@@ -685,11 +764,10 @@ def run_main(
                 methods=methods,
                 views=views,
                 n_projections=n_projections,
-                seed=seed,
+                seed=run_seed,
                 path=parts,
                 run=name,
             )
-            _say(progress, f"[{i}/{len(variants)}] {name}: training ...")
             log.start(name)
 
             def on_optimizer(optimizer: torch.optim.Optimizer, monitor: Any = monitor) -> None:
@@ -701,15 +779,15 @@ def run_main(
                     net,
                     data,
                     steps=steps,
-                    batch_size=batch_size,
+                    batch_size=run_batch,
                     lr=lr,
-                    seed=seed,
+                    seed=run_seed,
                     device=dev,
                     on_optimizer=on_optimizer,
                     on_step=log.step,
                     loss_fn=log.loss(torch.nn.functional.cross_entropy),
                     progress=None if progress else False,
-                    desc=f"{name:>12}",
+                    desc=f"{name:>16}",
                 )
             finally:
                 if monitor.attached:
@@ -723,41 +801,47 @@ def run_main(
             acc_text = "diverged" if math.isnan(accuracies[name]) else f"{accuracies[name]:.1%}"
             _say(
                 progress,
-                f"[{i}/{len(variants)}] {name}: {result.steps} steps in {timings[name]:.1f} s, "
+                f"[{i}/{len(design)}] {name}: {result.steps} steps in {timings[name]:.1f} s, "
                 f"{monitor.update_count} measured, test accuracy {acc_text}",
             )
-            # the finished variants' summary and settings, in case the run dies later
-            table = load_results(parts)
-            table = table[table["run"].isin(names[:i])].reset_index(drop=True)
-            config["finished"] = names[:i]
+            done = [r["run"] for r in design[:i]]
+            config["finished"] = done
             config["accuracies"] = {
                 k: (None if math.isnan(v) else v) for k, v in accuracies.items()
             }
             config["variant_wall_time_s"] = dict(timings)
-            if i < len(variants):
-                partial = [*notes, f"Partial: {i} of {len(variants)} variants finished."]
-                _write_text(
-                    out / "summary.md",
-                    summary_markdown(table, accuracies, view=shown, notes=partial),
-                )
-                _write_text(config_file, json.dumps(config, indent=2))
+            _write_text(config_file, json.dumps(config, indent=2))
+            if name in base_runs and i < len(design):
+                # the finished variants' summary, in case the run dies later
+                table = load_results(parts)
+                finished = [r for r in base_runs if r in done]
+                table = table[table["run"].isin(finished)].reset_index(drop=True)
+                partial = [*notes, f"Partial: {i} of {len(design)} runs finished."]
+                base_acc = {r: accuracies[r] for r in finished}
+                text = summary_markdown(table, base_acc, view=shown, notes=partial)
+                _write_text(out / "summary.md", text)
     except BaseException as err:
         config["status"] = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         _write_text(config_file, json.dumps(config, indent=2))
         raise
     finally:
         log.close()
-    log.close(pd.concat(curves, ignore_index=True))
+    training = pd.concat(curves, ignore_index=True)
+    log.close(training)
 
+    table = add_per_lr(load_results(parts), training)
+    # the order load_results gives (run, then step), per-lr rows with their step
+    table = table.sort_values(["run", "step"], kind="stable", na_position="first")
+    table = table.reset_index(drop=True)
     files = [_write_csv(out / "results.csv", table)]
     if _have_pyarrow():
         files.append(
             atomic_write(out / "results.parquet", lambda tmp: table.to_parquet(tmp, index=False))
         )
     files.append(log.path)
-    text = summary_markdown(table, accuracies, view=shown, notes=notes)
+    text = main_summary(table, pd.DataFrame(design), accuracies, training, view=shown, notes=notes)
     files.append(_write_text(out / "summary.md", text))
-    files += draw_results(table, out, view=shown, formats=formats)
+    files += draw_results(table, out, view=shown, formats=formats, design=pd.DataFrame(design))
     config["status"] = "complete"
     config["wall_time_s"] = time.perf_counter() - start
     files.append(_write_text(config_file, json.dumps(config, indent=2)))
@@ -770,6 +854,110 @@ def run_main(
         wall_time_s=config["wall_time_s"],
         config=config,
     )
+
+
+def _run_label(variant: str, seed: int, batch: int, base_seed: int, base_batch: int) -> str:
+    """``variant``, plus ``-b<batch>`` off the base batch and ``-s<seed>`` off the base seed."""
+    label = variant
+    if batch != base_batch:
+        label += f"-b{batch}"
+    if seed != base_seed:
+        label += f"-s{seed}"
+    return label
+
+
+def _design(
+    names: Sequence[str],
+    sweep: Sequence[str],
+    seeds: Sequence[int],
+    batch_size: int,
+    sweep_sizes: Sequence[int],
+) -> list[dict[str, Any]]:
+    """The runs of the main job, base seed first.
+
+    Every variant at ``batch_size`` for every seed, then the sweep variants at each
+    sweep batch size for every seed.
+    """
+    rows = []
+    for s in seeds:
+        for v in names:
+            rows.append({"variant": v, "seed": s, "batch_size": batch_size})
+        for b in sweep_sizes:
+            for v in sweep:
+                rows.append({"variant": v, "seed": s, "batch_size": b})
+    for r in rows:
+        r["run"] = _run_label(r["variant"], r["seed"], r["batch_size"], seeds[0], batch_size)
+    return [{"run": r["run"], **{k: r[k] for k in ("variant", "seed", "batch_size")}} for r in rows]
+
+
+def main_summary(
+    table: pd.DataFrame,
+    design: pd.DataFrame,
+    accuracies: dict[str, float],
+    training: pd.DataFrame | None = None,
+    *,
+    view: str = "flatten",
+    notes: Sequence[str] = (),
+) -> str:
+    """``summary.md`` of the main job: the claims, then the base runs' per-layer tables.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        The results table of every run.
+    design : pandas.DataFrame
+        ``run``, ``variant``, ``seed``, ``batch_size`` per run (``config.json``'s
+        ``design``).
+    accuracies : dict
+        Final test accuracy per run.
+    training : pandas.DataFrame, optional
+        ``training.csv`` (``run``, ``step``, ``lr``): the step-size paragraph.
+    view : str
+        The view reported.
+    notes : sequence of str
+        Lines under the title.
+
+    Returns
+    -------
+    str
+        Markdown.
+    """
+    from ics_toolkit.claims import claims_markdown, evaluate_claims, lr_phases
+    from ics_toolkit.report import summary_markdown
+
+    base_seed = int(design["seed"].iloc[0])
+    base_batch = int(design["batch_size"].max())
+    base = design[(design["seed"] == base_seed) & (design["batch_size"] == base_batch)]
+    base_runs = list(base["run"])
+    claims = evaluate_claims(table, design, accuracies)
+    extra = [claims_markdown(claims)]
+    if training is not None and "batch" in base_runs:
+        ph = lr_phases(table, training, "batch")
+        if math.isfinite(ph["lrs"][0]):
+            extra.append(
+                f"Step size, not shift: in the BatchNorm run the learning rate falls from "
+                f"{ph['lrs'][0]:g} to {ph['lrs'][1]:g}; mean relative ICS goes from "
+                f"{ph['ics'][0]:.3g} to {ph['ics'][1]:.3g} (x{ph['ics'][1] / ph['ics'][0]:.2g}), "
+                f"relative ICS per unit of learning rate (`relative_exact_per_lr`) from "
+                f"{ph['per_lr'][0]:.3g} to {ph['per_lr'][1]:.3g} "
+                f"(x{ph['per_lr'][1] / ph['per_lr'][0]:.2g}). A drop of ICS that the per-lr "
+                "value does not share is the step size, not the normalization."
+            )
+    base_table = table[table["run"].isin(base_runs)].reset_index(drop=True)
+    base_acc = {r: accuracies[r] for r in base_runs if r in accuracies}
+    body = summary_markdown(base_table, base_acc, view=view, notes=notes, claims=extra)
+    return body
+
+
+def _seed_list(seeds: int | Sequence[int], seed: int) -> list[int]:
+    """Seeds of the main job: ``seeds`` consecutive seeds from ``seed``, or the given list."""
+    if isinstance(seeds, int | np.integer) and not isinstance(seeds, bool):
+        count = _positive_int(int(seeds), "`seeds`")
+        return [seed + i for i in range(count)]
+    out = [_seed(s, "`seeds` entries") for s in seeds]
+    if not out or len(set(out)) != len(out):
+        raise ICSValueError(f"`seeds` must name distinct seeds (or be a count), got {seeds!r}")
+    return out if out[0] == seed else [seed, *[s for s in out if s != seed]]
 
 
 def _some_layers(df: pd.DataFrame, view: str, max_layers: int) -> list[str] | None:
@@ -794,6 +982,7 @@ def draw_results(
     formats: Sequence[str] = ("png", "svg"),
     dpi: int = 100,
     max_layers: int = 8,
+    design: pd.DataFrame | None = None,
 ) -> list[Path]:
     """Draw every figure of a results table into ``out_dir``.
 
@@ -815,15 +1004,28 @@ def draw_results(
         Panels per variant in the per-layer figures: a model with more measured
         layers is shown by this many, evenly spaced from the first to the last (the
         heatmap always shows every layer).
+    design : pandas.DataFrame, optional
+        The main job's runs (``run``, ``variant``, ``seed``, ``batch_size``; see
+        ``config.json``). Given, the per-step figures show the base runs (first seed,
+        largest batch) and ``batch_sweep.*`` is drawn from every run.
 
     Returns
     -------
     list of Path
         ``ics_vs_step.*`` (:func:`~ics_toolkit.plots.plot_ics`: a row of layer
-        panels per variant), ``heatmap.*`` and ``bn_vs_unitization.*`` (:func:`~ics_toolkit.plots.
-        plot_compare`).
+        panels per variant), ``heatmap.*``, ``bn_vs_unitization.*``
+        (:func:`~ics_toolkit.plots.plot_compare`: the relative ICS of every variant
+        with its 95 % band) and, with ``design``, ``batch_sweep.*``
+        (:func:`~ics_toolkit.plots.plot_batch_sweep`).
     """
-    from ics_toolkit.plots import check_formats, plot_compare, plot_heatmap, plot_ics, save_figure
+    from ics_toolkit.plots import (
+        check_formats,
+        plot_batch_sweep,
+        plot_compare,
+        plot_heatmap,
+        plot_ics,
+        save_figure,
+    )
     from ics_toolkit.report import check_columns, default_quantity
 
     check_columns(df, ("step", "layer", "view", "quantity", "value"))
@@ -833,13 +1035,25 @@ def draw_results(
     out = _prepare_out(out_dir)
     quantity = default_quantity(df, quantity)
     files: list[Path] = []
+    full = df
+    if design is not None and len(design):
+        base = design[
+            (design["seed"] == design["seed"].iloc[0])
+            & (design["batch_size"] == design["batch_size"].max())
+        ]
+        df = df[df["run"].isin(base["run"])]
     layers = _some_layers(df, view, max_layers)
     fig = plot_ics(df, quantity=quantity, view=view, layers=layers)
     files += save_figure(fig, out / "ics_vs_step", formats=formats, dpi=dpi)
     fig = plot_heatmap(df, quantity=quantity, view=view)
     files += save_figure(fig, out / "heatmap", formats=formats, dpi=dpi)
-    fig = plot_compare(df, quantity=quantity, view=view, layers=layers)
+    relative = relative_name(quantity)  # variants compare by the scale-free values
+    compared = relative if (df["quantity"] == relative).any() else quantity
+    fig = plot_compare(df, quantity=compared, view=view, layers=layers)
     files += save_figure(fig, out / "bn_vs_unitization", formats=formats, dpi=dpi)
+    if design is not None and design["batch_size"].nunique() > 1:
+        fig = plot_batch_sweep(full, design, view=view)
+        files += save_figure(fig, out / "batch_sweep", formats=formats, dpi=dpi)
     return files
 
 

@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ics_toolkit import _checks
+from ics_toolkit import _checks, _vocab
 from ics_toolkit.errors import ICSValueError
 from ics_toolkit.report import (
     NORM_BOUNDS,
     bound_band,
     check_columns,
+    default_quantity,
     order_layers,
     order_runs,
 )
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = [
     "COLORS",
     "check_formats",
+    "plot_batch_sweep",
     "plot_bounds_vs_dim",
     "plot_compare",
     "plot_heatmap",
@@ -227,7 +229,7 @@ def plot_ics(
     view: str = "flatten",
     layers: Sequence[str] | str | None = None,
     run: str | None = None,
-    floor: bool = True,
+    floor: bool = False,
     norm_bound: bool = True,
     yscale: str = "log",
     ncols: int | None = None,
@@ -239,11 +241,12 @@ def plot_ics(
     before and after step t, in the unit of the outputs) against the optimizer step,
     the band between the best lower bound (the largest of L1..L3, ``sliced`` and
     ``max_sliced`` present; each <= the exact W1) and the best upper bound (the
-    smallest of ``paired`` and U1..U5 present; each >= the exact W1) shaded, the
-    sampling floor ``floor_<quantity>`` dashed (ICS well above it is a shift of the
-    population, not only of the probe; see docs/theory.md) and, dotted, the
-    normalization layer's own bound (U3 BatchNorm, U4 unitized, U5 Unitization)
-    where measured.
+    smallest of ``paired`` and U1..U5 present; each >= the exact W1) lightly shaded,
+    the probe-resampling 95 % interval of the estimate (``<quantity>_ci_low`` /
+    ``_ci_high``, where measured) as a darker band, dotted, the normalization
+    layer's own bound (U3 BatchNorm, U4 unitized, U5 Unitization) where measured and,
+    on request, the sampling floor ``floor_<quantity>`` dashed (the resolution of
+    population-level statements, not an error bar of ICS; see docs/theory.md).
 
     Parameters
     ----------
@@ -261,7 +264,7 @@ def plot_ics(
         table with several runs gives a grid, one row per run (variant) and one
         column per layer, sharing the y axis.
     floor, norm_bound : bool
-        Draw the sampling floor; draw the normalization layer's bound.
+        Draw the sampling floor (off by default); draw the normalization layer's bound.
     yscale : {"log", "linear", "symlog"}
         Scale of the y axis (log by default: ICS, bounds and floors differ by orders
         of magnitude).
@@ -283,6 +286,7 @@ def plot_ics(
     """
     _checks.choice(yscale, "yscale", _YSCALES)
     band = _band(df, quantity, view)
+    band = _with_ci(band, df, quantity, view)
     runs = order_runs(band["run"])
     runs = _subset(runs, run, "run") if run is not None else runs
     layer_names = _subset(order_layers(band["layer"]), layers, "layers")
@@ -336,6 +340,7 @@ def plot_ics(
                     markevery=max(1, len(steps) // 12),
                     label=f"ICS ({quantity} W1)",
                 )
+                _draw_ci(ax, part, steps, style["color"])
                 if norm_bound and part["norm_bound"].notna().any():
                     name = part["norm_bound_name"].dropna().mode().iloc[0]
                     nb = part["norm_bound"].to_numpy(dtype="float64")
@@ -372,7 +377,7 @@ def plot_ics(
 def plot_compare(
     df: pd.DataFrame,
     *,
-    quantity: str = "exact",
+    quantity: str | None = None,
     view: str = "flatten",
     runs: Sequence[str] | str | None = None,
     layers: Sequence[str] | str | None = None,
@@ -387,8 +392,12 @@ def plot_compare(
     df : pandas.DataFrame
         The tidy results table; ``run`` holds the variant (``"batch"``,
         ``"unitization"``, ``"none"``, ...).
-    quantity : str
-        The ICS estimate drawn (W1, in the unit of the layer's outputs).
+    quantity : str, optional
+        The quantity drawn. Default: ``relative_<q>`` for the first estimator ``q``
+        present (``exact`` when measured): ICS divided by the RMS norm of the layer's
+        outputs, so variants whose outputs differ in scale compare; else ``q`` itself
+        (W1 in the unit of the outputs). The
+        probe-resampling 95 % interval is drawn as a band where measured.
     view : str
         The view drawn.
     runs : str or sequence of str, optional
@@ -414,7 +423,12 @@ def plot_compare(
         ``runs`` / ``layers`` name something absent.
     """
     _checks.choice(yscale, "yscale", _YSCALES)
-    band = _band(df, quantity, view)
+    if quantity is None:
+        check_columns(df, ("step", "layer", "view", "quantity", "value"))
+        base = default_quantity(df)
+        relative = _vocab.relative_name(base)
+        quantity = relative if (df["quantity"] == relative).any() else base
+    band = _with_ci(_band(df, quantity, view), df, quantity, view)
     run_names = _subset(order_runs(band["run"]), runs, "runs")
     layer_names = _subset(order_layers(band["layer"]), layers, "layers")
     with _style_context():
@@ -426,20 +440,138 @@ def plot_compare(
                 part = band[(band["run"] == run_name) & (band["layer"] == layer)]
                 part = part.sort_values("step")
                 values = part["value"].to_numpy(dtype="float64")
+                style = series_style(r_i)
                 ax.plot(
                     part["step"].to_numpy(dtype="float64"),
                     values,
                     markevery=max(1, len(values) // 12),
                     label=run_name or "(unnamed)",
-                    **series_style(r_i),
+                    **style,
                 )
+                _draw_ci(ax, part, part["step"].to_numpy(dtype="float64"), style["color"])
                 plotted += list(values)
             _set_yscale(ax, yscale, plotted)
             ax.set_title(layer)
-        _label_axes(axs, cols, "optimizer step", f"ICS: {quantity} W1")
+        relative = quantity.startswith("relative_")
+        base = quantity.removeprefix("relative_")
+        ylabel = f"ICS / RMS output norm ({base})" if relative else f"ICS: {quantity} W1"
+        _label_axes(axs, cols, "optimizer step", ylabel)
         if created:
-            fig.suptitle(f"ICS by normalization variant ({quantity} W1, {view} view)")
+            what = f"relative {base} W1: W1 / RMS output norm" if relative else f"{quantity} W1"
+            fig.suptitle(f"ICS by normalization variant ({what}, {view} view; band: 95 % CI)")
         _legend(fig, axs, created)
+    return fig
+
+
+def _with_ci(band: pd.DataFrame, df: pd.DataFrame, quantity: str, view: str) -> pd.DataFrame:
+    """``band`` with ``ci_low`` / ``ci_high`` columns (NaN where not measured)."""
+    names = _vocab.ci_names(quantity)
+    if quantity.startswith("relative_"):
+        base = _vocab.ci_names(quantity.removeprefix("relative_"))
+        names = (_vocab.relative_name(base[0]), _vocab.relative_name(base[1]))
+    rows = df[df["quantity"].isin(names) & (df["view"] == view).fillna(False).astype(bool)]
+    band = band.copy()
+    if rows.empty:
+        band["ci_low"] = band["ci_high"] = np.nan
+        return band
+    rows = rows.assign(run=rows["run"].astype("object").where(rows["run"].notna(), ""))
+    wide = rows.pivot_table(
+        index=["run", "step", "layer"], columns="quantity", values="value", aggfunc="first"
+    )
+    wide = wide.rename(columns={names[0]: "ci_low", names[1]: "ci_high"}).reset_index()
+    for col in ("ci_low", "ci_high"):
+        if col not in wide:
+            wide[col] = np.nan
+    wide["step"] = wide["step"].astype("Int64")
+    keys = ["run", "step", "layer"]
+    return band.merge(wide[[*keys, "ci_low", "ci_high"]], on=keys, how="left")
+
+
+def _draw_ci(ax: Axes, part: pd.DataFrame, steps: np.ndarray, color: Any) -> None:
+    if "ci_low" not in part or not part["ci_low"].notna().any():
+        return
+    low = part["ci_low"].to_numpy(dtype="float64")
+    high = part["ci_high"].to_numpy(dtype="float64")
+    ok = np.isfinite(low) & np.isfinite(high)
+    ax.fill_between(
+        steps, low, high, where=ok, color=color, alpha=0.45, linewidth=0, label="95 % CI"
+    )
+
+
+def plot_batch_sweep(
+    df: pd.DataFrame, design: pd.DataFrame, *, view: str = "flatten", level: float = 0.95
+) -> Figure:
+    """ICS and the normalization bounds against the training batch size (the noise sweep).
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        The results table of the main job (``run``, ``quantity``, ``value``, ``scale``
+        rows for the relative values).
+    design : pandas.DataFrame
+        ``run``, ``variant``, ``seed``, ``batch_size`` per run.
+    view : str
+        The view drawn.
+    level : float
+        Level of the Student-t error bars over seeds.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Two panels against the batch size (log axis): the relative ICS (mean over the
+        layers and steps of ``relative_exact``) per variant, and the relative
+        normalization bound (U3 / scale for BatchNorm, U5 / scale for Unitization), each
+        the mean over seeds with its interval.
+    """
+    from ics_toolkit.uncertainty import t_interval
+
+    rows = df[(df["view"] == view).fillna(False).astype(bool) & df["layer"].notna()]
+    per_run: dict[str, dict[str, float]] = {}
+    for run, part in rows.groupby("run", sort=False):
+        wide = part.pivot_table(index=["layer", "step"], columns="quantity", values="value")
+        if "scale" not in wide:
+            continue
+        out = {}
+        for q in ("exact", "U3", "U5"):
+            if q in wide:
+                out[q] = float((wide[q] / wide["scale"]).mean())
+        per_run[str(run)] = out
+    variants = [v for v in order_runs(design["variant"]) if (design["variant"] == v).any()]
+    sizes = sorted(design["batch_size"].astype(int).unique())
+    with _style_context():
+        fig, axs, _ = _panels(2, ncols=2, axes=None, sharex=False, panel=(5.2, 3.6))
+        plotted: list[float] = []
+        for v_i, variant in enumerate(variants):
+            style = series_style(v_i)
+            for ax, quantities in zip(axs, (("exact",), ("U3", "U5")), strict=True):
+                xs, ys, errs = [], [], []
+                for b in sizes:
+                    runs = design[(design["variant"] == variant) & (design["batch_size"] == b)]
+                    vals = [
+                        per_run.get(r, {}).get(q, math.nan) for r in runs["run"] for q in quantities
+                    ]
+                    vals = [x for x in vals if math.isfinite(x)]
+                    if not vals:
+                        continue
+                    mean, low, high = t_interval(vals, level)
+                    xs.append(b)
+                    ys.append(mean)
+                    errs.append((mean - low, high - mean) if math.isfinite(low) else (0.0, 0.0))
+                if xs:
+                    err = np.asarray(errs).T
+                    ax.errorbar(xs, ys, yerr=err, capsize=3, label=variant, **style)
+                    plotted += ys
+        axs[0].set_title("relative ICS: exact W1 / scale")
+        axs[1].set_title("relative bound: U3 (BatchNorm), U5 (Unitization)")
+        for ax in axs:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sizes, [str(b) for b in sizes])
+            ax.set_yscale("log")
+            ax.minorticks_off()
+            ax.set_xlabel("training batch size (smaller: noisier)")
+        axs[0].set_ylabel(f"mean over layers, steps ({level:.0%} CI, seeds)")
+        fig.suptitle("ICS and its bounds versus batch size (the noise sweep)")
+        _legend(fig, axs, True)
     return fig
 
 

@@ -437,6 +437,7 @@ def summary_markdown(
     view: str = "flatten",
     title: str = "ICS summary",
     notes: Sequence[str] = (),
+    claims: Sequence[str] = (),
 ) -> str:
     """The ``summary.md`` report: an overview, then a table per variant.
 
@@ -454,14 +455,20 @@ def summary_markdown(
         The level-1 heading.
     notes : sequence of str
         Extra lines printed under the heading (e.g. the command and settings).
+    claims : sequence of str
+        Markdown blocks placed after the overview (the main job's "Claims" section).
 
     Returns
     -------
     str
-        Markdown text. Per variant: final accuracy, then one row per layer with
-        mean ICS of each estimator, the mean best bounds and which bound was best,
-        tightness, the mean sampling floor and the share of steps above it, and the
-        share of steps whose bounds held.
+        Markdown text. The overview compares the variants by the *relative* ICS
+        (``relative_<quantity>``: ICS divided by the RMS norm of the layer's outputs,
+        where measured), as their outputs' scales differ by orders of magnitude. Per
+        variant: final accuracy, then one row per layer with the relative and absolute
+        ICS, its probe-resampling interval, the other estimators, the best bounds,
+        tightness, how often exact = paired (``identity_share`` = 1), how far the
+        normalization bound lies above ICS and its dominant term, and the share of
+        steps whose bounds held; below it, the coupling and the sampling floor in words.
 
     Examples
     --------
@@ -487,21 +494,31 @@ def summary_markdown(
 
     out = [f"# {title}", ""]
     out += [*notes, ""] if notes else []
+    rel = _vocab.relative_name(quantity)
+    has_rel = f"mean_{rel}" in table and table[f"mean_{rel}"].notna().any()
+    ci_low, ci_high = (f"mean_{c}" for c in _vocab.ci_names(quantity))
     out += [
         f"ICS of a layer at step t: the Wasserstein-1 distance between its outputs on a fixed "
         f"probe before and after the optimizer step t -> t+1 (estimator `{quantity}`, view "
         f"`{view}`; unit: the layer's output unit). Means are over the measured steps.",
         "",
+        "- *relative ICS*: ICS divided by `scale`, the RMS norm sqrt(mean ||X_i||^2) of the "
+        "layer's outputs at step t: unchanged when a layer's outputs are rescaled, so variants "
+        "are compared by it (BatchNorm outputs have norm about sqrt(d), others can be far "
+        "smaller or larger).",
+        "- *95 % CI*: the mean limits of a paired bootstrap interval that resamples the probe "
+        "inputs (the same ones at both steps; `ics_toolkit.uncertainty`).",
+        "- *exact = paired*: share of steps whose optimal plan is the identity "
+        "(`identity_share` = 1): the step moved every point less than the gaps between "
+        "points, and the cheap `paired` distance (U1) is the exact W1.",
+        "- *norm bound / ICS*: how many times the normalization layer's own bound exceeds "
+        "ICS, and the term of the bound that dominates it (`ics_toolkit.bound_terms`).",
         "- *exact / upper*: mean of ICS divided by the best (smallest) upper bound that step; "
         "*lower / exact*: the best (largest) lower bound divided by ICS. 1 = the bound is tight.",
         "- *norm bound*: the normalization layer's own bound (U3 BatchNorm, U4 unitized, U5 "
         "Unitization), from its normalized values and parameters at both steps; U1 (the "
         "paired distance) is usually tight because the same-input coupling is nearly optimal "
         "for small steps.",
-        "- *floor*: W1 between two random halves of the probe at one step, the accuracy of ICS "
-        "as an estimate of the population's shift (ICS on the same probe inputs can lie far "
-        "below it and still be exact for this probe); *above floor*: share of steps with ICS "
-        "above it.",
         "- *bounds hold*: share of steps where every lower bound <= exact <= every upper bound "
         "(tolerance `ics_toolkit.bounding.RTOL`).",
         "",
@@ -517,6 +534,7 @@ def summary_markdown(
                 run or "(unnamed)",
                 _accuracy(accuracies, run),
                 len(part),
+                part[f"mean_{rel}"].mean() if has_rel else None,
                 part["ics"].mean(),
                 part["norm_tightness"].mean(),
                 _pct(part["bounds_hold_frac"].mean()),
@@ -528,13 +546,17 @@ def summary_markdown(
                 "variant",
                 "final test accuracy",
                 "layers",
-                f"mean ICS ({quantity})",
+                f"mean relative ICS ({quantity} / scale)",
+                f"mean ICS ({quantity}, output units)",
                 "mean exact / norm bound",
                 "bounds hold",
             ],
             overview,
         )
     )
+    for block in claims:
+        out += ["", block]
+    shares = _identity_shares(df, view)
     for run in runs:
         part = table[table["run"] == run]
         out += ["", f"## {run or '(unnamed)'}", ""]
@@ -547,39 +569,106 @@ def summary_markdown(
         headers = [
             "layer",
             "d",
+            "relative ICS",
             f"ICS ({quantity})",
+            "95 % CI",
             *estimators,
             "best lower",
             "best upper",
             "norm bound",
             "lower / exact",
             "exact / upper",
-            "exact / norm bound",
-            "floor",
-            "above floor",
+            "exact = paired",
+            "norm bound / ICS",
             "bounds hold",
         ]
         body = []
         for _, r in part.iterrows():
+            share = shares.get((run, r["layer"]))
             body.append(
                 [
                     r["layer"],
                     r.get("dim", None),
+                    r.get(f"mean_{rel}", None),
                     r["ics"],
+                    _interval(r.get(ci_low), r.get(ci_high)),
                     *[r[f"mean_{q}"] for q in estimators],
                     _named(r["best_lower"], r["best_lower_name"]),
                     _named(r["best_upper"], r["best_upper_name"]),
                     _named(r["norm_bound"], r["norm_bound_name"]),
                     r["lower_tightness"],
                     r["upper_tightness"],
-                    r["norm_tightness"],
-                    r["floor"],
-                    _pct(r["frac_above_floor"]),
+                    _pct(share),
+                    _looseness(r),
                     _pct(r["bounds_hold_frac"]),
                 ]
             )
         out.append(markdown_table(headers, body))
+        out += ["", *_coupling_and_floor(part, shares, run)]
     return "\n".join(out) + "\n"
+
+
+def _interval(low: Any, high: Any) -> str:
+    if low is None or high is None or pd.isna(low) or pd.isna(high):
+        return "–"
+    return f"[{_fmt(low, 3)}, {_fmt(high, 3)}]"
+
+
+def _identity_shares(df: pd.DataFrame, view: str) -> dict[tuple[str, str], float]:
+    """Per (run, layer): share of steps whose exact plan is the identity."""
+    rows = _rows_of(df, view)
+    rows = rows[rows["quantity"] == _vocab.IDENTITY_SHARE]
+    if rows.empty:
+        return {}
+    full = rows.assign(full=rows["value"] >= 1 - 1e-9)
+    means = full.groupby(["run", "layer"], sort=False)["full"].mean()
+    return {(str(k[0]), str(k[1])): float(v) for k, v in means.items()}
+
+
+def _looseness(r: pd.Series) -> str:
+    """``norm bound / ICS`` and the dominant term of the bound, e.g. ``"5.1 (U3_core 97 %)"``."""
+    name, bound, ics = r.get("norm_bound_name"), r.get("norm_bound"), r.get("ics")
+    if not isinstance(name, str) or pd.isna(bound) or pd.isna(ics) or not ics > 0:
+        return "–"
+    text = _fmt(float(bound) / float(ics), 3)
+    terms = {t: r.get(f"mean_{t}") for t in _vocab.BOUND_TERMS.get(name, ())}
+    terms = {t: float(v) for t, v in terms.items() if v is not None and not pd.isna(v)}
+    total = sum(terms.values())
+    if terms and total > 0:
+        top = max(terms, key=lambda t: terms[t])
+        text += f" ({top} {100 * terms[top] / total:.0f} %)"
+    return text
+
+
+def _coupling_and_floor(
+    part: pd.DataFrame, shares: Mapping[tuple[str, str], float], run: str
+) -> list[str]:
+    """The coupling and the sampling floor of one variant, in words."""
+    lines = []
+    values = [shares[(run, layer)] for layer in part["layer"] if (run, layer) in shares]
+    if values:
+        lo, hi = min(values), max(values)
+        lines.append(
+            f"Coupling: exact = paired (the optimal plan is the identity) in {100 * lo:.0f} to "
+            f"{100 * hi:.0f} % of the measured steps per layer. There the step moved every "
+            "probe point by less than the gaps between points, the same-input coupling is "
+            "optimal, and `paired` (U1, one pass over the rows) is the exact W1: use it as the "
+            "matching, cheap estimator for such layers."
+        )
+    if "floor" in part and part["floor"].notna().any():
+        lines.append(
+            "Sampling floor (mean per layer: "
+            + ", ".join(
+                f"{layer} {_fmt(v, 3)}"
+                for layer, v in zip(part["layer"], part["floor"], strict=True)
+                if not pd.isna(v)
+            )
+            + "): W1 between two random halves of the probe at one step. It is the resolution "
+            "of statements about the population of inputs (two independent draws of the same "
+            "distribution are this far apart), not an error bar of ICS, which compares the "
+            "same inputs at both steps; the 95 % CI above is the uncertainty of ICS."
+        )
+    return lines
 
 
 def _accuracy(accuracies: Mapping[str, float | None], run: str) -> str:

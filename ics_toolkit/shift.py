@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
-from ics_toolkit import _checks, _vocab
+from ics_toolkit import _checks, _vocab, diagnostics
 from ics_toolkit._norm_snapshot import NormSnapshot, norm_pair, norm_snapshot
-from ics_toolkit.bounding import RTOL, _bounds, _u3_stored, check_order
+from ics_toolkit.bound_terms import bound_terms
+from ics_toolkit.bounding import RTOL, _bounds, _u3_stored_terms, check_order
 from ics_toolkit.distances import _halves, _kernel, _many, _parse_options
 from ics_toolkit.errors import ICSError, ICSTypeError, ICSValueError, ICSWarning
 from ics_toolkit.moments import _column_moments, _drift
@@ -350,6 +351,7 @@ def _measure_groups(
                 g["rows"].append(_row("estimate", method, math.nan, warning=str(err)))
                 continue
             row = _row("estimate", method, value, wall_time_s=time.perf_counter() - start)
+            g.setdefault("logs", {})[method] = log  # read by diagnostics.step_rows
             row["solver_status"] = log.get("status")
             if log.get("status") not in (None, "optimal", "converged"):
                 row["warning"] = f"{method} solver status {log.get('status')}: value not W1"
@@ -384,6 +386,8 @@ def _measure_groups(
             seconds = time.perf_counter() - start + g["stats_s"] / (1 + config.bounds)
             for q, v in drift.items():
                 g["rows"].append(_row("drift", q, v, wall_time_s=seconds / len(drift)))
+        # scale, identity share, intervals and relative values (issue #13)
+        g["rows"].extend(diagnostics.step_rows(x, y, g["rows"], g.get("logs", {}), config))
         _check_group(step, key, name, g, config)
 
 
@@ -470,7 +474,7 @@ def _bound_rows(
     if a is not None and b is not None:
         if a.form == b.form == "batchnorm" and name == "flatten":
             # from the stored values, in float64 row blocks: no float64 copy of x_hat
-            u3 = _u3_stored(a.x_hat, b.x_hat, (a.weight, b.weight), (a.bias, b.bias))
+            u3 = _u3_stored_terms(a.x_hat, b.x_hat, (a.weight, b.weight), (a.bias, b.bias))
         else:
             norms = norm_pair(a, b, name, g["opts"])
     have_max_sliced = "max_sliced" in g["batched"]
@@ -484,8 +488,11 @@ def _bound_rows(
         gap=mx - my,
         row_norms=g["norms"],
     )
-    if u3 is not None:
-        values["U3"] = u3
+    if u3 is not None:  # U3 and its terms (ics_toolkit.bound_terms) from stored values
+        values["U3"] = sum(u3)
+        values.update(zip(_vocab.BOUND_TERMS["U3"], u3, strict=True))
+    elif norms is not None:  # the terms that U3 / U5 add up (ics_toolkit.bound_terms)
+        values.update(bound_terms(*norms))
     seconds = time.perf_counter() - start + g["stats_s"] / (1 + config.moments)
     if have_max_sliced:  # L3 tries the max_sliced directions too: reuse, don't recompute
         max_sliced = next(r["value"] for r in g["rows"] if r["quantity"] == "max_sliced")

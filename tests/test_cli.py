@@ -1,5 +1,6 @@
 """The ``ics-toolkit`` command line end to end: run --quick, plot, sweep-dim, bad options."""
 
+import json
 import os
 import subprocess
 import sys
@@ -13,8 +14,9 @@ import torch
 import ics_toolkit as ics
 from ics_toolkit.cli import main
 
-VARIANTS = {"batch", "unitization", "none"}
-PLOTS = ("ics_vs_step", "heatmap", "bn_vs_unitization")
+# the base runs (first seed, base batch) of the quick main job; the others carry -s / -b
+VARIANTS = {"batch", "unitization", "unitization=1", "none"}
+PLOTS = ("ics_vs_step", "heatmap", "bn_vs_unitization", "batch_sweep")
 
 
 def _has_pyarrow():
@@ -36,7 +38,9 @@ def _check_run_folder(out: Path) -> pd.DataFrame:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
         assert b"<svg" in svg.read_bytes()[:2000], plot
     table = ics.load_results(out / "results.csv")
-    assert set(table.run) == VARIANTS
+    config = json.loads((out / "config.json").read_text())
+    assert set(table.run) == {d["run"] for d in config["design"]}
+    assert VARIANTS <= set(table.run)
     layers = {run: set(g.layer.dropna()) for run, g in table.groupby("run")}
     assert layers["batch"] == layers["unitization"] == layers["none"] and layers["batch"]
     assert table[table.quantity == "exact"].value.notna().all()
@@ -77,7 +81,8 @@ def test_run_quick_as_python_m_subprocess(quick_run, tmp_path):
         timeout=240,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "[3/3] none" in proc.stderr  # one progress line per variant
+    assert "[4/12] none:" in proc.stderr  # one progress line per run
+    assert "[12/12] unitization=1-b16-s1:" in proc.stderr
     table = _check_run_folder(out)
     # the same seed gives the same measurements as the in-process run, up to float32
     # rounding of the activations (two processes may order float sums differently)

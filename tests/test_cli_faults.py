@@ -25,7 +25,7 @@ NORMS = ["batch", "none"]
 TINY = [
     "--model", "mlp", "--dataset", "blobs", "--steps", str(STEPS), "--every", "1",
     "--probe-size", "16", "--batch-size", "16", "--width", "8", "--methods", "paired,sliced",
-    "--norms", ",".join(NORMS), "--no-progress",
+    "--norms", ",".join(NORMS), "--no-progress", "--seeds", "1", "--sweep-batch-sizes", "16",
 ]  # fmt: skip
 
 
@@ -134,7 +134,7 @@ def test_an_interrupted_run_keeps_its_settings_curves_and_finished_variants(
     assert training.notna().all().all()
     summary = (out / "summary.md").read_text()
     assert "\n## batch\n" in summary and "\n## none\n" not in summary
-    assert "1 of 2 variants finished" in summary
+    assert "1 of 2 runs finished" in summary
     table = ics.load_results(out / "parts")
     assert sorted(table[table.run == "none"].step.unique()) == [0, 1, 2, 3]
     assert not (out / "results.csv").exists()  # written only by a finished run

@@ -35,6 +35,8 @@ TINY = {
     "n_projections": 8,
     "progress": False,
     "formats": (),
+    "seeds": 1,
+    "sweep_batch_sizes": (),
 }
 
 
@@ -117,7 +119,8 @@ def test_run_main_writes_a_table_of_every_variant(tiny_run):
         tiny_run.table.drop(columns="wall_time_s"),
         check_dtype=False,
     )
-    assert (out / "summary.md").read_text().count("\n## ") == 4  # overview + 3 variants
+    # overview, claims, 3 variants
+    assert (out / "summary.md").read_text().count("\n## ") == 5
     training = pd.read_csv(out / "training.csv")
     assert len(training) == 3 * TINY["steps"]
     config = json.loads((out / "config.json").read_text())

@@ -67,7 +67,7 @@ def _lines(ax):
 
 
 def test_plot_ics_single_run(table):
-    fig = plot_ics(table, run="batch")
+    fig = plot_ics(table, run="batch", floor=True)  # the floor is drawn on request only
     assert isinstance(fig, Figure)
     assert len(fig.axes) == len(LAYERS)
     for ax, layer in zip(fig.axes, LAYERS, strict=True):
