@@ -11,6 +11,7 @@ import numpy as np
 import ot
 import pytest
 import torch
+from torch import nn
 
 import ics_toolkit as ics
 from ics_toolkit import _vocab, diagnostics, uncertainty
@@ -200,3 +201,27 @@ def test_monitor_skips_costly_exact_intervals_with_a_warning():
     assert [r["quantity"] for r in limits] == ["exact_ci_low", "exact_ci_high"]
     assert all(math.isnan(r["value"]) and "no interval" in r["warning"] for r in limits)
     assert {r["quantity"] for r in out} >= {"scale", "identity_share", "relative_exact"}
+
+
+def test_the_monitors_bound_terms_add_up_to_its_bounds():
+    # BatchNorm's flatten view takes U3 from the stored normalized values, Unitization's
+    # U5 from the prepared states: both paths must report terms that sum to the bound
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), ics.nn.Unitization2d(4, alpha_init=0.5)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = ics.ICSMonitor(model, torch.randn(16, 3, 8, 8), every=1, methods=("exact",))
+    with monitor.attach(opt):
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.randn(8, 3, 8, 8)).square().mean().backward()
+            opt.step()
+    df = monitor.results()
+    for bound in ("U3", "U5"):
+        rows = df[df.quantity.str.fullmatch(rf"{bound}(_.+)?")]
+        assert not rows.empty
+        for _, group in rows.groupby(["step", "layer"]):
+            values = dict(zip(group.quantity, group.value, strict=True))
+            terms = sum(v for q, v in values.items() if q != bound)
+            assert terms == pytest.approx(values[bound], rel=1e-12)
