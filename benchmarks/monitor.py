@@ -31,7 +31,10 @@ Usage::
     python benchmarks/monitor.py --quick                      # seconds, a smoke test
     python benchmarks/monitor.py --device cuda                # on a GPU
 
-A GPU line (defaults vs plain on ``cuda``) is added when a CUDA device is at hand.
+The plain runs also time a forward pass of the probe without hooks: two of them are the
+floor of any configuration at this probe size (every measured step runs two probe passes,
+one when consecutive steps are measured). A GPU line (defaults vs plain on ``cuda``) is
+added when a CUDA device is at hand.
 """
 
 from __future__ import annotations
@@ -130,6 +133,16 @@ def one_run(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     sync(device)
     seconds = time.perf_counter() - start
     out: dict[str, Any] = {"seconds": seconds}
+    if monitor is None:  # the floor of any monitor: a forward pass of the probe, no hooks
+        passes = []
+        for _ in range(5):
+            sync(device)
+            begin = time.perf_counter()
+            with torch.no_grad():  # train mode, as the monitor's pass (default mode="train")
+                model(probe)
+            sync(device)
+            passes.append(time.perf_counter() - begin)
+        out["probe_pass"] = statistics.median(passes)
     if monitor is not None:
         monitor.detach()
         if variant.split("@")[0] in ("defaults", "lean"):
@@ -212,12 +225,15 @@ def main() -> None:
     )
     times: dict[str, list[float]] = {v: [] for v in variants}
     parts: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    probe_pass: list[float] = []
     for _ in range(args.rounds):
         for variant in variants:
             out = spawn(variant, args)
             times[variant].append(out["seconds"])
             if "breakdown" in out:
                 parts[variant].append(out["breakdown"])
+            if "probe_pass" in out:
+                probe_pass.append(out["probe_pass"])
     plain_med, plain_best = statistics.median(times["plain"]), min(times["plain"])
     print(f"{'variant':<16}{'median s':>10}{'best s':>9}{'ratio':>8}{'best ratio':>12}")
     for variant, ts in times.items():
@@ -255,6 +271,14 @@ def main() -> None:
             f"{v}: a measured step costs {total / train_step:.1f} training steps, so every "
             f"{args.every} steps {1 + total / (args.every * train_step):.3f}x"
         )
+
+    passes = 2 * statistics.median(probe_pass)
+    print(
+        f"two probe forward passes without hooks (measured in the plain runs): "
+        f"{passes * 1e3:.0f} ms = {passes / train_step:.2f} training steps, so no "
+        f"configuration can go below {1 + passes / (args.every * train_step):.3f}x at every "
+        f"{args.every} with this probe (unless consecutive steps are measured: reuse_probe)"
+    )
 
     if args.device == "cpu" and torch.cuda.is_available():
         gpu = {v: spawn(v, args, device="cuda")["seconds"] for v in ("plain", "defaults")}

@@ -109,7 +109,9 @@ def batchnorm_hat(module: nn.Module, x: torch.Tensor, *, training: bool) -> torc
             mean = module.running_mean.to(xd.dtype)
             var = module.running_var.to(xd.dtype)
         shape = (1, xd.shape[1]) + (1,) * (xd.dim() - 2)
-        x_hat = (xd - mean.view(shape)) * torch.rsqrt(var.view(shape) + float(module.eps))
+        # in place on the difference: the same two roundings, one full-size buffer less
+        inv = torch.rsqrt(var.view(shape) + float(module.eps))
+        x_hat = torch.sub(xd, mean.view(shape)).mul_(inv)
     return x_hat.to(x.dtype) if low else x_hat
 
 

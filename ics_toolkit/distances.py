@@ -673,12 +673,17 @@ def _paired(
 
 def _halves(t: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Two disjoint random halves of n // 2 rows of ``t`` (a private generator on its device)."""
-    gen = torch.Generator(device=t.device)
+    first, second = _half_index(t.shape[0], seed, t.device)
+    return t[first], t[second]
+
+
+def _half_index(n: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row indices of :func:`_halves` (so a caller can index its row norms alike)."""
+    gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    n = t.shape[0]
-    perm = torch.randperm(n, generator=gen, device=t.device)
+    perm = torch.randperm(n, generator=gen, device=device)
     half = n // 2
-    return t[perm[:half]], t[perm[half : 2 * half]]
+    return perm[:half], perm[half : 2 * half]
 
 
 def _many(
