@@ -86,6 +86,11 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
     ),
     ("Experiments", "ics_toolkit.experiments", ["run_main", "sweep_dim"]),
     ("Sketches of wide layers", "ics_toolkit.sketch", ["Sketch", "SketchTransform"]),
+    (
+        "Memory plan",
+        "ics_toolkit.memory_plan",
+        ["MemoryPlan", "available_memory"],
+    ),
     ("Distributed training", "ics_toolkit.distributed", ["shard"]),
     (
         "Errors and warnings",
@@ -95,6 +100,7 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
             "ICSValueError",
             "ICSTypeError",
             "ICSUsageError",
+            "ICSMemoryError",
             "SolverError",
             "ICSWarning",
             "ICSRuntimeWarning",

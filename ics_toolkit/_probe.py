@@ -68,8 +68,11 @@ def draw_probe(loader: Any, size: int, seed: int) -> tuple[Any, Any]:
     return batch, None
 
 
-def check_probe(recorder: Recorder, probe: Any) -> None:
-    """Run the probe once (side-effect free) so that a probe that does not fit fails now."""
+def check_probe(recorder: Recorder, probe: Any) -> Any:
+    """Run the probe once (side-effect free) so that a probe that does not fit fails now.
+
+    Returns the dry run's table (:meth:`ics_toolkit.Recorder.dry_run`).
+    """
     try:
         table = recorder.dry_run(probe)
     except ICSError:
@@ -86,6 +89,7 @@ def check_probe(recorder: Recorder, probe: Any) -> None:
             f"selected layer(s) {missing} never ran in the forward pass of the probe; "
             "choose other `layers` or check the model's forward"
         )
+    return table
 
 
 def capture(

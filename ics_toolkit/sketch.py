@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
+from collections.abc import Collection
 
 import torch
 
@@ -320,6 +321,9 @@ class SketchTransform:
         Base seed of the per-layer matrices.
     batch_axes : mapping of str to int, optional
         Batch axis of each layer's tensor, by layer name (default 0).
+    layers : collection of str, optional
+        Sketch only these layers (by name; the others are stored unchanged); default
+        every layer. A memory plan sketches only the widest layers.
 
     Examples
     --------
@@ -333,12 +337,19 @@ class SketchTransform:
     (4, 16)
     """
 
-    def __init__(self, k: int, seed: int = 0, batch_axes: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        k: int,
+        seed: int = 0,
+        batch_axes: dict[str, int] | None = None,
+        layers: Collection[str] | None = None,
+    ) -> None:
         k = _checks.positive_int(k, "`sketch` (k)")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ICSTypeError(f"`seed` must be an int, got {type(seed).__name__}")
         self.k, self.seed = k, seed
         self.batch_axes = dict(batch_axes or {})
+        self.layers = None if layers is None else frozenset(layers)
 
     def __repr__(self) -> str:
         return f"SketchTransform(k={self.k}, seed={self.seed})"
@@ -347,7 +358,10 @@ class SketchTransform:
         """The (n, k) sketch of capture ``t`` of layer ``key`` (``t`` itself when d <= k)."""
         from ics_toolkit.views import flatten
 
-        axis = self.batch_axes.get(_layer_name(key), 0) % max(t.ndim, 1)
+        name = _layer_name(key)
+        if self.layers is not None and name not in self.layers:
+            return t
+        axis = self.batch_axes.get(name, 0) % max(t.ndim, 1)
         flat = flatten(t, axis)
         if flat.shape[1] <= self.k:
             return t
