@@ -87,7 +87,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     model = build(args.model).to(device)
     model.train()
-    n = args.probe
+    n = args.probe[0]
     g = torch.Generator().manual_seed(1)
     probe = torch.randn(n, 3, 224, 224, generator=g).to(device)
     images = torch.randn(n, 3, 224, 224, generator=g).to(device)

@@ -11,7 +11,9 @@ every captured layer's shape, hence the bytes a measured step will need (see
   once (the fused analysis) or for one layer at a time;
 - the estimators' transient working copies: ``bytes_working``, one layer at a time;
 - the probe's forward pass (:data:`FORWARD_COPIES` copies of its largest captured
-  activation, an estimate).
+  activation, an estimate);
+- the random directions of ``sliced``, ``max_sliced`` and L3, d x L float64 values per
+  distinct width d, which the engine keeps for the next steps (:func:`direction_bytes`).
 
 :func:`make_plan` compares that peak with a budget, a share of the memory available
 where the captures live (:func:`available_memory`: host RAM from ``/proc/meminfo``,
@@ -54,6 +56,7 @@ __all__ = [
     "PLAN_SKETCH",
     "MemoryPlan",
     "available_memory",
+    "direction_bytes",
     "format_bytes",
     "make_plan",
 ]
@@ -68,6 +71,8 @@ PLAN_SKETCH = 256
 #: The probe's forward pass, in copies of its largest captured activation (the layer's
 #: input and output plus a residual branch and an intermediate buffer; an estimate).
 FORWARD_COPIES = 4
+#: Widths whose random directions the engine keeps (``distances._directions``' cache).
+DIRECTION_CACHE = 8
 
 
 def available_memory(device: str | torch.device | None = None) -> int:
@@ -148,6 +153,8 @@ class MemoryPlan:
         With host offload: the captures held in host memory (else 0).
     forward_bytes : int
         The probe pass's share of ``peak`` (an estimate, :data:`FORWARD_COPIES`).
+    directions_bytes : int
+        The cached random directions' share of ``peak`` (:func:`direction_bytes`).
     layerwise : bool
         The analysis runs one layer at a time.
     offload : bool
@@ -170,6 +177,7 @@ class MemoryPlan:
     peak_unplanned: int
     host_peak: int = 0
     forward_bytes: int = 0
+    directions_bytes: int = 0
     layerwise: bool = False
     offload: bool = False
     sketch: int | None = None
@@ -244,8 +252,18 @@ def check_budget(value: Any) -> float | int | None:
     return value
 
 
+def direction_bytes(rows: Sequence[Mapping[str, Any]], n_projections: int) -> int:
+    """Bytes of the cached random directions (float64, d x L per distinct width d).
+
+    ``sliced``, ``max_sliced`` and L3 project on L directions per width, drawn once and
+    kept by the engine for later steps (at most :data:`DIRECTION_CACHE` widths).
+    """
+    widths = sorted({int(r["width"]) for r in rows}, reverse=True)[:DIRECTION_CACHE]
+    return sum(widths) * n_projections * 8
+
+
 def _peaks(
-    rows: Sequence[Mapping[str, Any]], layerwise: bool, offload: bool
+    rows: Sequence[Mapping[str, Any]], layerwise: bool, offload: bool, directions: int = 0
 ) -> tuple[int, int, int]:
     """(peak where the budget applies, host bytes held, forward bytes) of one choice."""
     held = sum(r["bytes_held"] for r in rows)
@@ -255,6 +273,7 @@ def _peaks(
         analysis = sum(r["bytes_analysis"] for r in rows)
         analysis += max((r["bytes_working"] for r in rows), default=0)
     forward = FORWARD_COPIES * max((r["bytes_source"] for r in rows), default=0)
+    analysis += directions
     if offload:  # the device holds one layer's pair (storage dtype) and its analysis
         pair = max((r["bytes_held"] for r in rows), default=0)
         return pair + analysis + forward, held, forward
@@ -295,20 +314,31 @@ def make_plan(
         for r in rows:
             r["name"] = _name_of(r["layer"])
             r["bytes_source"] = math.prod(r["shape"]) * source
+            stored = r["stored_shape"]
+            flat = math.prod(stored) // stored[0]
+            r["width"] = flat if "flatten" in views else min(flat, int(r["shape"][1]))
         return rows
 
+    config = monitor.config
+    views = config.views
+    projects = config.bounds or bool({"sliced", "max_sliced"} & set(config.methods))
+
+    def peaks(rows: list[dict[str, Any]], layerwise: bool, offload: bool) -> tuple[int, ...]:
+        dirs = direction_bytes(rows, config.n_projections) if projects else 0
+        return _peaks(rows, layerwise, offload, dirs)
+
     base = rows_for(set())
-    peak0, _, _ = _peaks(base, False, False)
+    peak0, _, _ = peaks(base, False, False)
     layerwise = offload = False
     sketched: list[str] = []
     rows = base
-    peak, host, forward = _peaks(rows, layerwise, offload)
+    peak, host, forward = peaks(rows, layerwise, offload)
     if budget is not None and peak > limit:
         layerwise = True
-        peak, host, forward = _peaks(rows, layerwise, offload)
+        peak, host, forward = peaks(rows, layerwise, offload)
         if peak > limit and on_gpu:
             offload = True
-            peak, host, forward = _peaks(rows, layerwise, offload)
+            peak, host, forward = peaks(rows, layerwise, offload)
         can_sketch = monitor.config.views == ("flatten",) and not user_sketch
         if peak > limit and can_sketch:
             # the widest layers first: by what a layer holds and analyses
@@ -319,14 +349,14 @@ def make_plan(
             for name in sorted(size, key=lambda m: (-size[m], m)):
                 sketched.append(name)
                 rows = rows_for(set(sketched))
-                peak, host, forward = _peaks(rows, layerwise, offload)
+                peak, host, forward = peaks(rows, layerwise, offload)
                 if peak <= limit:
                     break
         if offload and host > avail:
             peak = max(peak, host)  # the host cannot hold the captures either
         if peak > limit:
             _refuse(monitor, peak0, peak, limit, avail, share, where, k, can_sketch, base)
-    frame = pd.DataFrame(rows).drop(columns=["name", "bytes_source"])
+    frame = pd.DataFrame(rows).drop(columns=["name", "bytes_source", "width"])
     frame["sketch"] = frame["sketch"].astype("Int64")
     frame["sketched_by_plan"] = [_name_of(x) in sketched for x in frame["layer"]]
     return MemoryPlan(
@@ -338,6 +368,7 @@ def make_plan(
         peak_unplanned=peak0,
         host_peak=host,
         forward_bytes=forward,
+        directions_bytes=direction_bytes(rows, config.n_projections) if projects else 0,
         layerwise=layerwise,
         offload=offload,
         sketch=k if (sketched or user_sketch) else None,

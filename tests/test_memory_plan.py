@@ -79,7 +79,10 @@ def test_the_plan_shows_the_peak_per_layer_against_the_available_memory():
     t = plan.table
     forward = mp.FORWARD_COPIES * 32 * 2048 * 4
     assert plan.forward_bytes == forward
-    expected = t.bytes_held.sum() + t.bytes_analysis.sum() + t.bytes_working.max() + forward
+    directions = (2048 + 1024 + 64) * 128 * 8  # float64 directions of each width
+    assert plan.directions_bytes == directions
+    expected = t.bytes_held.sum() + t.bytes_analysis.sum() + t.bytes_working.max()
+    expected += forward + directions
     assert plan.peak == plan.peak_unplanned == expected
     # the budget is the documented share of what is available on the host
     assert plan.share == mp.DEFAULT_BUDGET and plan.where == "host"
@@ -107,8 +110,8 @@ def test_just_over_budget_the_analysis_runs_one_layer_at_a_time_with_the_same_re
     assert plan.layerwise and not plan.sketched and not plan.offload and plan.fits
     assert plan.peak < plan.peak_unplanned
     t = plan.table  # one layer's float64 set at a time
-    forward = plan.forward_bytes
-    assert plan.peak == t.bytes_held.sum() + (t.bytes_analysis + t.bytes_working).max() + forward
+    extra = plan.forward_bytes + plan.directions_bytes
+    assert plan.peak == t.bytes_held.sum() + (t.bytes_analysis + t.bytes_working).max() + extra
     assert len(said) == 1 and "one layer at a time" in said[0]
     pd.testing.assert_series_equal(_values(df), _values(reference))
 
@@ -116,7 +119,7 @@ def test_just_over_budget_the_analysis_runs_one_layer_at_a_time_with_the_same_re
 def test_a_smaller_budget_sketches_the_widest_layer_and_says_which():
     model = _model()
     reference, _, _ = _one_step(copy.deepcopy(model), memory_budget=None)
-    budget = 5 << 20  # 5 MiB: one layer at a time is not enough (6.5), sketching "1" is
+    budget = 6 << 20  # one layer at a time is not enough (9.7 MiB), sketching "1" is (5.4)
     df, mon, said = _one_step(copy.deepcopy(model), memory_budget=budget)
     plan = mon.memory_plan()
     assert plan.sketched == ("1",) and plan.sketch == mp.PLAN_SKETCH and plan.fits
@@ -220,3 +223,15 @@ def test_layerwise_rows_equal_the_fused_rows_on_hand_made_captures():
         )
 
     assert strip(one) == strip(fused)
+
+
+def test_host_offload_keeps_one_pair_on_the_device_and_the_rest_on_the_host():
+    rows = [
+        {"bytes_held": 100, "bytes_analysis": 40, "bytes_working": 30, "bytes_source": 10},
+        {"bytes_held": 60, "bytes_analysis": 20, "bytes_working": 90, "bytes_source": 25},
+    ]
+    forward = mp.FORWARD_COPIES * 25
+    assert mp._peaks(rows, False, False) == (160 + 60 + 90 + forward, 0, forward)
+    assert mp._peaks(rows, True, False) == (160 + 110 + forward, 0, forward)
+    # offloaded: the device holds the largest pair and one layer's analysis
+    assert mp._peaks(rows, True, True) == (100 + 110 + forward, 160, forward)
