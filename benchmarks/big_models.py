@@ -22,6 +22,7 @@ Usage::
     python benchmarks/big_models.py --model resnet50 --probe 16 --rounds 2
     python benchmarks/big_models.py --device cuda        # the GPU variant
     python benchmarks/big_models.py --memory-budget none # the monitor without a plan
+    python benchmarks/big_models.py --sketch 256         # every wide layer sketched
 
 Needs ``transformers`` (models from configs only, ``HF_HUB_OFFLINE=1`` is set). Not run
 by the test suite.
@@ -119,7 +120,12 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         monitor = ics.ICSMonitor(
-            model, probe, every=lambda s: s % 2 == 1, memory_budget=budget, seed=0
+            model,
+            probe,
+            every=lambda s: s % 2 == 1,
+            memory_budget=budget,
+            sketch=args.sketch or None,
+            seed=0,
         )
     build_s = time.perf_counter() - start
     plan = monitor.memory_plan()
@@ -159,6 +165,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     )
     result = {
         "model": args.model,
+        "sketch": args.sketch or None,
         "probe": n,
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -223,6 +230,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--memory-budget", default="0.5", help="a share, or 'none'")
+    parser.add_argument("--sketch", type=int, default=0, help="sketch=k for every wide layer")
     parser.add_argument("--json", default="", help="append each result as a JSON line")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -252,6 +260,8 @@ def main() -> None:
                 str(args.threads),
                 "--memory-budget",
                 args.memory_budget,
+                "--sketch",
+                str(args.sketch),
             ]
             out = subprocess.run(cmd, capture_output=True, text=True)
             lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
