@@ -130,4 +130,9 @@ else
     say "SKIP monitor: benchmarks/monitor.py is not in this checkout"
 fi
 
+# Real sizes (issue 16): ResNet-50 / ViT-B/16 at 224 with the memory plan, device peak and
+# the plan's host offload; last, with whatever time is left (needs transformers).
+run big_models 120 "transformers,pandas,ot,ics_toolkit.monitor" -- \
+    "$PY" benchmarks/big_models.py --device cuda --probe 16 64 --rounds 2
+
 say "done in $(($(date +%s) - START))s (budget ${BUDGET_S}s)"

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ics_toolkit.errors import (
     ICSError,
+    ICSMemoryError,
     ICSRuntimeWarning,
     ICSTypeError,
     ICSUsageError,
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ICSError",
+    "ICSMemoryError",
     "ICSMonitor",
     "ICSRuntimeWarning",
     "ICSTypeError",

@@ -8,6 +8,7 @@ the sizes follow from the capture dtype, the sketch, the views and the bounds.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,7 +19,7 @@ from ics_toolkit.sketch import chunk_bytes
 if TYPE_CHECKING:
     from ics_toolkit.monitor import ICSMonitor
 
-__all__ = ["WORKING_COPIES", "analysis_bytes", "memory_plan"]
+__all__ = ["WORKING_COPIES", "analysis_bytes", "layer_rows", "memory_plan"]
 
 #: Transient working memory of the estimators at a measured step, in float64 copies of
 #: one layer's largest view matrix (``ICSMonitor.memory_per_layer``'s ``bytes_working``):
@@ -65,15 +66,33 @@ def memory_plan(monitor: ICSMonitor) -> Any:
     recorder = monitor.recorder
     quiet = Recorder(monitor.model, recorder.layers, recorder.where, mode="eval")
     table = quiet.dry_run(monitor.probe)
+    frame = pd.DataFrame(layer_rows(monitor, table, monitor._sketch_of))
+    frame["sketch"] = frame["sketch"].astype("Int64")
+    return frame
+
+
+def layer_rows(
+    monitor: ICSMonitor,
+    table: Any,
+    sketch_of: Callable[[str], int | None],
+) -> list[dict[str, Any]]:
+    """One row per measured capture key, with the sketch dimension ``sketch_of(name)``.
+
+    ``table`` is a dry run's table (``Recorder.dry_run``); a layer with a sketch k < d
+    stores (n, k) and keeps no normalized values (no U3 / U5 on a sketch).
+    """
+    recorder = monitor.recorder
     targets = {name: (module, axes) for name, module, axes in recorder.selected()}
     itemsize = torch.empty((), dtype=recorder.dtype).element_size()
     shapes = {(row.name, row.site): tuple(row.shape) for row in table.itertuples()}
     device = str(monitor._device) if monitor._device is not None else "cpu"
-    sketch = monitor.sketch
     config = monitor.config
     rows = []
     for row in table.itertuples():
+        if row.calls != row.calls or not row.calls:  # NaN or 0: never ran
+            continue
         module, axes = targets[row.name]
+        sketch = sketch_of(row.name)
         for call in range(1, int(row.calls) + 1):
             key = row.name + (f"#{call}" if call > 1 else "")
             key += ":input" if row.site == "input" else ""
@@ -87,7 +106,8 @@ def memory_plan(monitor: ICSMonitor) -> Any:
             stored = (n, sketch) if sketched else shape
             stored_bytes = math.prod(stored) * itemsize
             extra = 0
-            if row.site == "output" and monitor._snapshots(module):
+            snapshot = monitor.sketch is None and sketch is None and monitor._bound_snapshot(module)
+            if row.site == "output" and snapshot:
                 in_shape = shapes.get((row.name, "input"), shape)
                 extra = math.prod(in_shape) * itemsize  # x_hat, storage dtype
             held = 2 * (stored_bytes + extra)
@@ -120,9 +140,7 @@ def memory_plan(monitor: ICSMonitor) -> Any:
                     "bytes_peak": held + analysis + working,
                 }
             )
-    frame = pd.DataFrame(rows)
-    frame["sketch"] = frame["sketch"].astype("Int64")
-    return frame
+    return rows
 
 
 def _source_dtype(model: torch.nn.Module) -> torch.dtype:

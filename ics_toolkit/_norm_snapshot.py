@@ -149,6 +149,23 @@ class HatTransform:
         }
 
 
+class ChainTransform:
+    """Recorder transform: ``first``, then ``second`` (e.g. the hook's x_hat, then a sketch).
+
+    ``hat_keys`` is ``first``'s: the keys that hold normalized values.
+    """
+
+    def __init__(self, first: HatTransform, second: Any) -> None:
+        self.first, self.second = first, second
+
+    def __call__(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        return self.second(key, self.first(key, x))
+
+    def hat_keys(self, keys: list[str]) -> set[str]:
+        """The input keys among ``keys`` that hold normalized values (see HatTransform)."""
+        return self.first.hat_keys(keys)
+
+
 def snapshot_from_hat(module: nn.Module, x_hat: torch.Tensor) -> NormSnapshot:
     """The snapshot of a BatchNorm layer whose normalized values were taken in the hook."""
     return NormSnapshot(

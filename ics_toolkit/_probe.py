@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ics_toolkit._failsafe import isolated_rng
-from ics_toolkit._norm_snapshot import HatTransform, norm_snapshot, snapshot_from_hat
+from ics_toolkit._norm_snapshot import norm_snapshot, snapshot_from_hat
 from ics_toolkit.errors import ICSError, ICSTypeError, ICSValueError
 from ics_toolkit.recording import Recorder
 
@@ -113,7 +113,8 @@ def capture(
     norms = {}
     training = mode == "train"
     transform = recorder.transform
-    hats = transform.hat_keys(list(tensors)) if isinstance(transform, HatTransform) else set()
+    hat_keys = getattr(transform, "hat_keys", None)  # HatTransform, or a chain starting with it
+    hats = hat_keys(list(tensors)) if hat_keys is not None else set()
     for key, inf in info.items():
         if not key.endswith(":input") or not snapshots(inf.module):
             continue

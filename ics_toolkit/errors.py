@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "ICSError",
+    "ICSMemoryError",
     "ICSRuntimeWarning",
     "ICSTypeError",
     "ICSUsageError",
@@ -28,6 +29,10 @@ class ICSValueError(ICSError, ValueError):
 
 class ICSTypeError(ICSError, TypeError):
     """An argument has a type the toolkit cannot use."""
+
+
+class ICSMemoryError(ICSError, MemoryError):
+    """A measured step would not fit in memory, whatever the monitor adapts (at construction)."""
 
 
 class ICSUsageError(ICSError, RuntimeError):

@@ -54,8 +54,9 @@ from ics_toolkit import (
     sinks,
 )
 from ics_toolkit._gradient_rows import gradient_rows
+from ics_toolkit._layerwise import measure_layerwise
 from ics_toolkit._memory import WORKING_COPIES, memory_plan
-from ics_toolkit._norm_snapshot import HatTransform, bound_layer
+from ics_toolkit._norm_snapshot import ChainTransform, HatTransform, bound_layer
 from ics_toolkit._reuse import read_state
 from ics_toolkit._worker import AnalysisWorker
 from ics_toolkit.bounding import RTOL
@@ -66,6 +67,7 @@ from ics_toolkit.errors import (
     ICSValueError,
     ICSWarning,
 )
+from ics_toolkit.memory_plan import DEFAULT_BUDGET, MemoryPlan, check_budget, make_plan
 from ics_toolkit.recording import Recorder
 from ics_toolkit.results import ResultStore
 from ics_toolkit.schedules import as_schedule
@@ -173,6 +175,17 @@ class ICSMonitor:
         power of two); U3-U5 (they need the full normalized values) and the moment
         drift are not reported. Memory per layer becomes independent of d (see
         :meth:`memory_per_layer`).
+    memory_budget : float, int or None
+        The memory a measured step may use: a share of the memory available at
+        construction where the captures live (host RAM; a GPU's free memory), default
+        0.5, or a number of bytes (an int). At construction the monitor predicts the
+        peak of a measured step from the dry run (:meth:`memory_plan`); if it exceeds
+        the budget, the monitor adapts by itself (one layer's analysis at a time, host
+        offload of the captures on a GPU, a sketch of k = 256 of the widest layers,
+        :mod:`ics_toolkit.memory_plan`) and says once, in an
+        :class:`~ics_toolkit.errors.ICSWarning`, what it chose for which layers; if
+        nothing fits it raises :class:`~ics_toolkit.errors.ICSMemoryError` with the
+        numbers and the options. None: no plan, nothing adapted.
     rank : int
         Under ``torch.distributed`` (an initialised process group): the rank that
         measures and writes results (see :mod:`ics_toolkit.distributed`). Build the
@@ -307,6 +320,7 @@ class ICSMonitor:
         rtol: float = RTOL,
         method_options: Mapping[str, Mapping[str, Any]] | None = None,
         sketch: int | None = None,
+        memory_budget: float | int | None = DEFAULT_BUDGET,
         rank: int = 0,
         gather: bool = False,
         group: Any = None,
@@ -424,14 +438,24 @@ class ICSMonitor:
         if sketch is not None:
             axes = {name: axes[0] for name, _, axes in self.recorder.selected()}
             self.recorder.transform = SketchTransform(sketch, seed, axes)
-        elif where == "output" and self.config.bounds:  # inputs kept only for x_hat
+        elif (
+            transform is None and where == "output" and self.config.bounds
+        ):  # inputs kept only for x_hat
             modules = {name: module for name, module, _ in self.recorder.selected()}
             self.recorder.transform = HatTransform(modules, mode, capture_dtype)
         self._train_mode = mode
+        # --- memory plan (ics_toolkit.memory_plan): made from the probe check's dry run
+        memory_budget = check_budget(memory_budget)
+        self._plan: MemoryPlan | None = None
+        self._plan_modules: set[int] = set()  # ids of the modules the plan sketched
         if self._dist.captures or self._fsdp:  # FSDP2: the check's pass needs every rank
             table = _probe.check_probe(self.recorder, self.probe)
             axes = {name: axes for name, _, axes in self.recorder.selected()}
             _token.check_layers(self.config.token_mask, table, axes)
+            if self._dist.captures:
+                self._plan = make_plan(self, table, memory_budget)
+                self._apply_plan(self._plan)
+        # --- end memory plan
         _inputs.check_probe_values(self.probe)  # fail-safe: a finite probe
         if self.gradient:  # fail-safe: loss_fn and targets tried once, side-effect free
             _inputs.check_loss(
@@ -669,7 +693,12 @@ class ICSMonitor:
 
         def analyse() -> list[dict[str, Any]]:
             begin = time.perf_counter()
-            out = measure_step(step, before, after, self.config, keys) + rows
+            plan = self._plan
+            if plan is not None and plan.layerwise:  # memory plan: one float64 set at a time
+                device = self._device if plan.offload else None
+                out = measure_layerwise(step, before, after, self.config, keys, device) + rows
+            else:
+                out = measure_step(step, before, after, self.config, keys) + rows
             out.append(  # what the monitor spent on this step, both probe passes included
                 {
                     **_event(step, None, "measure_time_s", ""),
@@ -838,6 +867,41 @@ class ICSMonitor:
         """
         return memory_plan(self)
 
+    def memory_plan(self) -> MemoryPlan:
+        """The memory plan made at construction: peak bytes per layer against the budget.
+
+        Returns
+        -------
+        MemoryPlan
+            ``table`` (one row per measured capture key: the columns of
+            :meth:`memory_per_layer` under the plan's choices, plus
+            ``sketched_by_plan``), ``available`` and ``budget`` (bytes, where the
+            captures live), ``peak`` (the predicted peak of a measured step under the
+            plan) and ``peak_unplanned`` (without adapting), and what was chosen:
+            ``layerwise``, ``offload``, ``sketch`` and ``sketched`` (layer names);
+            ``summary()`` says it in words. See :mod:`ics_toolkit.memory_plan`.
+
+        Raises
+        ------
+        ICSUsageError
+            On a rank that captures nothing (it holds no capture, so it has no plan).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch import nn
+        >>> import ics_toolkit as ics
+        >>> model = nn.Sequential(nn.Linear(8, 4096), nn.LayerNorm(4096))
+        >>> plan = ics.ICSMonitor(model, torch.randn(32, 8)).memory_plan()
+        >>> plan.fits, plan.adapted, plan.table.layer.tolist()
+        (True, False, ['1'])
+        """
+        if self._plan is None:
+            raise ICSUsageError(
+                "this rank captures nothing, so it has no memory plan; ask the measuring rank"
+            )
+        return self._plan
+
     def reset(self) -> None:
         """Forget the rows kept in memory and the step count (files on disk are kept)."""
         self._flush()
@@ -872,12 +936,42 @@ class ICSMonitor:
     def _snapshots(self, module: nn.Module) -> bool:
         """Whether the normalized values of ``module`` are recomputed (for U3 / U5)."""
         return (
+            self.sketch is None
+            and id(module) not in getattr(self, "_plan_modules", ())
+            and self._bound_snapshot(module)
+        )
+
+    def _bound_snapshot(self, module: nn.Module) -> bool:
+        """Whether ``module`` would get U3 / U5 if it were stored unsketched."""
+        return (
             self.config.bounds
-            and self.sketch is None
             and bound_layer(module)
             and (self._local_stats or not isinstance(module, nn.SyncBatchNorm))
             and not self._fsdp  # a rank holds only a shard of the affine parameters
         )
+
+    # ------------------------------------------------------------------ memory plan
+    def _sketch_of(self, name: str) -> int | None:
+        """The sketch dimension of layer ``name`` (user's ``sketch``, or the plan's)."""
+        if self.sketch is not None:
+            return self.sketch
+        plan = getattr(self, "_plan", None)
+        return plan.sketch if plan is not None and name in plan.sketched else None
+
+    def _apply_plan(self, plan: MemoryPlan) -> None:
+        """Put the plan's choices in place (sketch transform, host offload) and say them."""
+        if plan.sketched:
+            axes = {name: axes[0] for name, _, axes in self.recorder.selected()}
+            sketch = SketchTransform(plan.sketch, self.config.seed, axes, layers=plan.sketched)
+            hat = self.recorder.transform  # the normalized values taken in the hook, if any
+            self.recorder.transform = sketch if hat is None else ChainTransform(hat, sketch)
+            self._plan_modules = {
+                id(module) for name, module, _ in self.recorder.selected() if name in plan.sketched
+            }
+        if plan.offload:
+            self.recorder.device = torch.device("cpu")
+        if plan.adapted:
+            warnings.warn(plan.summary(), ICSWarning, stacklevel=_failsafe.user_stacklevel())
 
     def _capture(self) -> StepCapture:
         """One probe pass with the norm snapshots (:func:`ics_toolkit._probe.capture`)."""
@@ -887,7 +981,7 @@ class ICSMonitor:
             mode=self._train_mode,
             snapshots=self._snapshots,
             measured=self._measured,
-            sketch=self.sketch,
+            sketch=self.sketch if self.sketch is not None else (self._plan and self._plan.sketch),
         )
 
     # ------------------------------------------------------------------ skipped steps
