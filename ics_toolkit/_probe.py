@@ -42,6 +42,20 @@ def to_device(obj: Any, device: torch.device | None) -> Any:
     return map_probe(obj, lambda t: t.to(device))
 
 
+def draw_batch(dataset: Any, collate: Any, size: int, seed: int) -> Any:
+    """``size`` samples of a map-style dataset chosen by a private seeded generator, collated.
+
+    The dataset's own random transforms draw seeded inside :func:`isolated_rng`, so no
+    global RNG (``random``, numpy, torch) moves.
+    """
+    n = len(dataset)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(n, generator=gen)[: min(size, n)].sort().values.tolist()
+    collate = collate or torch.utils.data.default_collate
+    with isolated_rng(seed):  # a dataset's random transforms draw seeded, then restore
+        return collate([dataset[i] for i in idx])
+
+
 def draw_probe(loader: Any, size: int, seed: int) -> tuple[Any, Any]:
     """A fixed, seeded probe from a DataLoader's dataset, without touching any global RNG.
 
@@ -58,11 +72,7 @@ def draw_probe(loader: Any, size: int, seed: int) -> tuple[Any, Any]:
     n = len(dataset)
     if n < 2:
         raise ICSValueError(f"`probe` DataLoader's dataset has {n} sample(s); need at least 2")
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(n, generator=gen)[: min(size, n)].sort().values.tolist()
-    collate = loader.collate_fn or torch.utils.data.default_collate
-    with isolated_rng(seed):  # a dataset's random transforms draw seeded, then restore
-        batch = collate([dataset[i] for i in idx])
+    batch = draw_batch(dataset, loader.collate_fn, size, seed)
     if isinstance(batch, list | tuple) and len(batch) >= 2:
         return batch[0], batch[1]  # (inputs, targets) datasets
     return batch, None

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ics_toolkit._probe import draw_batch
 from ics_toolkit.errors import ICSTypeError, ICSValueError
 
 #: Keys of a dict batch that hold targets, not model inputs (left out of the probe).
@@ -61,10 +62,7 @@ def draw_probe(loader: Any, size: int, seed: int) -> tuple[Any, Any]:
     n = len(dataset)
     if n < 2:
         raise ICSValueError(f"the training dataset has {n} sample(s); the probe needs at least 2")
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(n, generator=gen)[: min(size, n)].sort().values.tolist()
-    collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
-    batch = collate([dataset[i] for i in idx])
+    batch = draw_batch(dataset, getattr(loader, "collate_fn", None), size, seed)
     if isinstance(batch, Mapping):
         inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
         labels = next((batch[k] for k in LABEL_KEYS if k in batch), None)
