@@ -123,16 +123,19 @@ def one_run(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     train(3)  # warm-up: thread pools, allocator, kernels
     options = VARIANTS[variant.split("@")[0]]
     monitor = None
+    construct = 0.0
     if options is not None:
         options = {"every": args.every, **options}
+        begin = time.perf_counter()
         monitor = ics.ICSMonitor(model, probe, **options)
         monitor.attach(opt)
+        construct = time.perf_counter() - begin
     sync(device)
     start = time.perf_counter()
     train(args.steps)
     sync(device)
     seconds = time.perf_counter() - start
-    out: dict[str, Any] = {"seconds": seconds}
+    out: dict[str, Any] = {"seconds": seconds, "construct": construct}
     if monitor is None:  # the floor of any monitor: a forward pass of the probe, no hooks
         passes = []
         for _ in range(5):
@@ -224,12 +227,14 @@ def main() -> None:
         + (f"; before = {args.baseline}" if args.baseline else "")
     )
     times: dict[str, list[float]] = {v: [] for v in variants}
+    construct: dict[str, list[float]] = {v: [] for v in variants}
     parts: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     probe_pass: list[float] = []
     for _ in range(args.rounds):
         for variant in variants:
             out = spawn(variant, args)
             times[variant].append(out["seconds"])
+            construct[variant].append(out["construct"])
             if "breakdown" in out:
                 parts[variant].append(out["breakdown"])
             if "probe_pass" in out:
@@ -247,6 +252,14 @@ def main() -> None:
         f"idle: {ratio['idle']:.3f}x (goal <= 1.01x); defaults, every {args.every}: "
         f"{ratio['defaults']:.3f}x (goal <= 1.10x, issue #11: <= 1.15x); lean: "
         f"{ratio['lean']:.3f}x (goal <= 1.05x)"
+    )
+
+    print(
+        "construction (dry run, memory plan, the one import of POT: once per run, not "
+        "timed above): "
+        + ", ".join(
+            f"{v} {statistics.median(c):.2f} s" for v, c in construct.items() if v != "plain"
+        )
     )
 
     train_step = plain_med / args.steps

@@ -91,18 +91,31 @@ def norm_snapshot(module: nn.Module, x: torch.Tensor, *, training: bool) -> Norm
     )
 
 
-def batchnorm_hat(module: nn.Module, x: torch.Tensor, *, training: bool) -> torch.Tensor:
+def batchnorm_hat(
+    module: nn.Module, x: torch.Tensor, *, training: bool, fast: bool = False
+) -> torch.Tensor:
     """A BatchNorm layer's normalized values on ``x``, in ``x``'s dtype (float32 at least).
 
     The same operations as :func:`ics_toolkit.nn.normalized` (so the same bits), without
     its input checks and the norms ``s`` that BatchNorm's bound does not use: this runs
-    inside the capture hook on the layer's live input.
+    inside the capture hook on the layer's live input. ``fast`` uses torch's fused
+    batch-norm kernel without affine parameters or running-statistics update instead
+    (4x faster on a CPU; its statistics round differently, ~1e-7 relative): the float32
+    analysis' choice.
     """
     from ics_toolkit.nn.functional import _batch_stats
 
     low = x.dtype in (torch.float16, torch.bfloat16)
     with torch.no_grad(), no_autocast(x.device):
         xd = x.detach().to(torch.float32) if low else x.detach()
+        if fast:
+            batch = training or module.running_mean is None
+            stats = (None, None) if batch else (module.running_mean, module.running_var)
+            # momentum 0 and no running buffers on the batch path: nothing is updated
+            x_hat = torch.native_batch_norm(xd, None, None, *stats, batch, 0.0, float(module.eps))[
+                0
+            ]
+            return x_hat.to(x.dtype) if low else x_hat
         if training or module.running_mean is None:
             mean, var = _batch_stats(xd)
         else:
@@ -122,14 +135,16 @@ class HatTransform:
     doing it in the hook, on the live input, stores ``x_hat`` instead of a copy of the
     input that would be read again right after the pass. Other keys pass unchanged.
     ``dtype`` is the storage dtype: the input is rounded to it first, as a stored
-    input would be.
+    input would be. ``fast``: see :func:`batchnorm_hat`.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], mode: str, dtype: torch.dtype) -> None:
+    def __init__(
+        self, modules: dict[str, nn.Module], mode: str, dtype: torch.dtype, fast: bool = False
+    ) -> None:
         from torch.nn.modules.batchnorm import _BatchNorm
 
         self.modules = {k: m for k, m in modules.items() if isinstance(m, _BatchNorm)}
-        self.mode, self.dtype = mode, dtype
+        self.mode, self.dtype, self.fast = mode, dtype, fast
 
     def __call__(self, key: str, x: torch.Tensor) -> torch.Tensor:
         if not key.endswith(":input"):
@@ -138,7 +153,7 @@ class HatTransform:
         if module is None:
             return x
         training = module.training if self.mode == "keep" else self.mode == "train"
-        return batchnorm_hat(module, x.to(self.dtype), training=training)
+        return batchnorm_hat(module, x.to(self.dtype), training=training, fast=self.fast)
 
     def hat_keys(self, keys: list[str]) -> set[str]:
         """The input keys among ``keys`` that hold normalized values."""

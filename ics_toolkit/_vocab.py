@@ -14,6 +14,8 @@ __all__ = [
     "CI_METHODS",
     "DEFAULT_METHODS",
     "ESTIMATORS",
+    "FLOAT32_ERROR",
+    "FLOAT32_RTOL",
     "FLOORLESS",
     "IDENTITY_SHARE",
     "KINDS",
@@ -21,6 +23,7 @@ __all__ = [
     "METHODS",
     "MODES",
     "NORM_BOUNDS",
+    "PRECISIONS",
     "PRESETS",
     "SCALE",
     "THEORY_LOWER",
@@ -132,6 +135,22 @@ WHERE: tuple[str, ...] = ("output", "input", "both")
 
 #: Module mode of the probe passes.
 MODES: tuple[str, ...] = ("train", "eval", "keep")
+
+#: Floating-point precision of a measured step's analysis (``ICSMonitor(precision=...)``):
+#: float64 is the reference; float32 is the monitor's fast default, within
+#: :data:`FLOAT32_ERROR` of it (docs/theory.md, "Precision").
+PRECISIONS: tuple[str, ...] = ("float32", "float64")
+
+#: Documented largest relative difference between a float32 and a float64 analysis of
+#: the same captures for estimates, floors, bounds, scale and intervals (tested in
+#: tests/test_precision.py); moment drifts, differences of nearly equal moments, are
+#: within this times the size of the moments instead.
+FLOAT32_ERROR = 1e-4
+
+#: Relative tolerance of the bound checks of a float32 analysis: values computed from
+#: float32 sums differ from their exact values by ~1e-7 relative, more than the float64
+#: tolerance :data:`ics_toolkit.bounding.RTOL` (1e-6) leaves in tight cases.
+FLOAT32_RTOL = 1e-5
 
 #: Named monitor configurations, cheapest last: keyword arguments of
 #: :class:`ics_toolkit.ICSMonitor`. ``"defaults"`` is what the constructor does

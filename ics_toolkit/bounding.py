@@ -305,11 +305,30 @@ def _u3_stored(
     return sum(_u3_stored_terms(xa, xb, weights, biases))
 
 
+def _u3_float32_sums(
+    fa: torch.Tensor, fb: torch.Tensor, channels: int
+) -> tuple[float, float, float, torch.Tensor]:
+    """Mean ||a_i||^2, mean ||b_i||^2, mean ||a_i - b_i||^2 and sum_i b_i^2 per channel.
+
+    Of float32 (n, d) rows, without a float64 copy: float32 row norms (accurate to ~1e-6
+    relative, unlike one float32 norm of the whole tensor) combined in float64.
+    """
+    n = fa.shape[0]
+
+    def mean_sq(t: torch.Tensor) -> float:
+        return float(torch.linalg.vector_norm(t, dim=1).double().square().sum()) / n
+
+    per_channel = torch.linalg.vector_norm(fb.reshape(n, channels, -1), dim=2)  # (n, C)
+    column_sq = per_channel.double().square().sum(dim=0)
+    return mean_sq(fa), mean_sq(fb), mean_sq(fa - fb), column_sq
+
+
 def _u3_stored_terms(
     xa: torch.Tensor,
     xb: torch.Tensor,
     weights: tuple[torch.Tensor | None, torch.Tensor | None],
     biases: tuple[torch.Tensor | None, torch.Tensor | None],
+    precise: bool = True,
 ) -> tuple[float, float, float]:
     """The terms of U3 (core, gamma change, beta change) from stored normalized values.
 
@@ -318,23 +337,32 @@ def _u3_stored_terms(
     per-channel (C,) parameters (None: 1 and 0). The same formula as :func:`_u3` on
     the flattened float64 values, but accumulated in float64 over row blocks converted
     one at a time: no float64 copy of the layer, one pass over each side.
+    ``precise=False`` (the float32 analysis) sums float32 row norms instead, and the
+    core from the row differences: within ~1e-6 relative of the float64 sums.
     """
     n, channels = xa.shape[0], xa.shape[1]
     fa, fb = xa.reshape(n, -1), xb.reshape(n, -1)
     d = fa.shape[1]
     f64 = {"dtype": torch.float64, "device": xa.device}
-    m2x, m2y, dot = (torch.zeros((), **f64) for _ in range(3))
-    column_sq = torch.zeros(channels, **f64)
-    step = max(1, 2**18 // d)
-    for lo in range(0, n, step):
-        a, b = fa[lo : lo + step].to(torch.float64), fb[lo : lo + step].to(torch.float64)
-        m2x += torch.linalg.vector_norm(a).square()
-        m2y += torch.linalg.vector_norm(b).square()
-        dot += torch.dot(a.reshape(-1), b.reshape(-1))
-        column_sq += b.square_().reshape(b.shape[0], channels, -1).sum(dim=(0, 2))
-    m2x_, m2y_, c = float(m2x) / n, float(m2y) / n, float(dot) / n
-    d_eff = max(float(d), m2x_, m2y_)  # m2 <= d holds exactly only in train mode without eps
-    core = math.sqrt(max(2.0 * (d_eff - c), 0.0))
+    if not precise and fa.dtype == torch.float32:
+        m2x_, m2y_, core_sq, column_sq = _u3_float32_sums(fa, fb, channels)
+        d_eff = max(float(d), m2x_, m2y_)
+        # 2 (d' - c) = (2 d' - m2x - m2y) + mean ||x_hat - y_hat||^2: no cancellation of
+        # the two near-d sums against the dot product in float32
+        core = math.sqrt(max(2.0 * d_eff - m2x_ - m2y_ + core_sq, 0.0))
+    else:
+        m2x, m2y, dot = (torch.zeros((), **f64) for _ in range(3))
+        column_sq = torch.zeros(channels, **f64)
+        step = max(1, 2**18 // d)
+        for lo in range(0, n, step):
+            a, b = fa[lo : lo + step].to(torch.float64), fb[lo : lo + step].to(torch.float64)
+            m2x += torch.linalg.vector_norm(a).square()
+            m2y += torch.linalg.vector_norm(b).square()
+            dot += torch.dot(a.reshape(-1), b.reshape(-1))
+            column_sq += b.square_().reshape(b.shape[0], channels, -1).sum(dim=(0, 2))
+        m2x_, m2y_, c = float(m2x) / n, float(m2y) / n, float(dot) / n
+        d_eff = max(float(d), m2x_, m2y_)  # m2 <= d holds exactly only in train mode w/o eps
+        core = math.sqrt(max(2.0 * (d_eff - c), 0.0))
 
     def vec(t: torch.Tensor | None, fill: float) -> torch.Tensor:
         return torch.full((channels,), fill, **f64) if t is None else t.to(**f64).reshape(-1)
@@ -504,7 +532,9 @@ def _lower(
     l3 = float(_sliced.projected_group([tx], [ty], torch.cat(dirs))[0].max()) if dirs else 0.0
     if coordinate_axes:
         l3 = _best_axis(tx, ty, l3, column_abs_gap)
-    out["L3"] = l3
+    # the gap direction's W1 is >= L1 exactly; rounding (~1e-7 in float32) must not
+    # put the max of the directions below the bound it contains
+    out["L3"] = max(l3, out["L1"])
     return out
 
 
@@ -599,14 +629,16 @@ def _bounds(
     coordinate_axes: bool = True,
     gap: torch.Tensor | None = None,
     row_norms: tuple[torch.Tensor, torch.Tensor] | None = None,
+    differences: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Every bound of checked float64 samples (the kernel behind :func:`bounds`).
+    """Every bound of checked samples (the kernel behind :func:`bounds`).
 
-    ``gap`` (mean(x) - mean(y)) and ``row_norms`` reuse what a caller computed.
+    ``gap`` (mean(x) - mean(y)), ``row_norms`` and ``differences`` (what
+    :func:`_differences` returns for paired rows) reuse what a caller computed.
     """
     dist = column_abs_gap = None
     if tx.shape[0] == ty.shape[0]:
-        dist, column_abs_gap = _differences(tx, ty)
+        dist, column_abs_gap = differences or _differences(tx, ty)
     out = _lower(tx, ty, n_projections, seed, coordinate_axes, gap, row_norms, column_abs_gap)
     if dist is not None:
         out.update(_paired_upper(tx, ty, dist))

@@ -408,14 +408,17 @@ def _check_memory(n: int, m: int, per_cell: int, limit: float, method: str) -> N
 
 #: Entries of the squared cost below this fraction of ``|x_i|^2 + |y_j|^2`` (after
 #: centering) are recomputed from the differences: there ``|x|^2 + |y|^2 - 2<x, y>``
-#: would lose digits to cancellation. Above it the expansion is accurate to ~1e-13.
-_CANCELLATION = 1e-3
+#: would lose digits to cancellation. Above it the expansion loses at most a factor
+#: 1 / fraction of the dtype's precision: ~1e-13 relative in float64 (1e-3), ~1e-6 in
+#: float32 (0.1; a float32 analysis differs from float64 by well under 1e-4).
+_CANCELLATION = {torch.float64: 1e-3, torch.float32: 0.1}
 
 
 def _euclidean_cost(
     tx: torch.Tensor,
     ty: torch.Tensor,
     row_norms: tuple[torch.Tensor, torch.Tensor] | None = None,
+    paired_dist: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pairwise Euclidean distances, fast (one GEMM) and accurate for nearly equal points.
 
@@ -424,7 +427,9 @@ def _euclidean_cost(
     typical ICS case of a small training step (row i before and after the step). So
     samples with a dominant common offset are centered first, and entries in danger
     are recomputed directly from differences of the original rows; if there are many,
-    every pair is differenced. ``row_norms`` (||x_i||, ||y_j||) reuse what a caller has.
+    every pair is differenced. ``row_norms`` (||x_i||, ||y_j||) reuse what a caller has;
+    so does ``paired_dist`` (||x_i - y_i|| of paired rows, the same differences): the
+    diagonal entries in danger are taken from it instead of differenced again.
     """
     center = tx.mean(dim=0)
     if row_norms is None:
@@ -439,11 +444,16 @@ def _euclidean_cost(
         yy = row_norms[1].square()
     scale = xx[:, None] + yy[None, :]
     d2 = torch.addmm(scale, cx, cy.T, alpha=-2.0)
-    near = d2 < _CANCELLATION * scale
+    near = d2 < _CANCELLATION.get(d2.dtype, 0.1) * scale
     count = int(near.sum())
     # differences of the original rows: centering itself rounds at the scale of |x|
     if count > 4 * (cx.shape[0] + cy.shape[0]):
         return torch.cdist(tx, ty, compute_mode="donot_use_mm_for_euclid_dist")
+    if count and paired_dist is not None:
+        diagonal = near.diagonal()
+        d2.diagonal()[diagonal] = paired_dist[diagonal].square()
+        near.diagonal().zero_()
+        count = int(near.sum())
     if count:
         i, j = near.nonzero(as_tuple=True)
         step = max(1, 2**20 // tx.shape[1])  # ~8 MiB of differences at a time
@@ -468,10 +478,11 @@ def _exact(
     ty: torch.Tensor,
     opts: dict[str, Any],
     row_norms: tuple[torch.Tensor, torch.Tensor] | None = None,
+    paired_dist: torch.Tensor | None = None,
 ) -> tuple[float, dict[str, Any]]:
     n, m = tx.shape[0], ty.shape[0]
     info = _base_log("exact", tx, ty)
-    info["dtype"] = "float64"
+    info["dtype"] = _dtype_name(tx.dtype)  # of the cost matrix; the solver runs in float64
     if tx.shape[1] == 1:  # 1-D: exact by sorting, the same value as the LP
         value = float(_sliced.w1_sorted(torch.sort(tx[:, 0]).values, torch.sort(ty[:, 0]).values))
         info.update(solver="sorted_1d", status="optimal", result_code=1, numItermax=None)
@@ -483,7 +494,8 @@ def _exact(
     ot = import_ot()  # lazily: importing POT is slow and may touch the GPU
 
     num_iter = opts["numItermax"] or default_num_iter_max(n, m)
-    cost = _euclidean_cost(tx, ty, row_norms).cpu().numpy()
+    cost = _euclidean_cost(tx, ty, row_norms, paired_dist).cpu().numpy()
+    cost = cost.astype(np.float64, copy=False)  # POT solves in float64
     a = np.full(n, 1.0 / n)
     b = np.full(m, 1.0 / m)
     with warnings.catch_warnings():
@@ -523,7 +535,7 @@ def _sinkhorn(
     _check_memory(n, m, _SINKHORN_BYTES_PER_CELL, opts["memory_limit"], "sinkhorn")
     ot = import_ot()  # lazily, with the RNGs it touches restored
 
-    cost = _euclidean_cost(tx, ty)
+    cost = _euclidean_cost(tx, ty).to(torch.float64)  # the solver iterates in float64
     scale = float(cost.mean())
     info.update(reg=opts["reg"], cost_scale=scale, stopThr=opts["stopThr"])
     if scale == 0.0:  # every x_i equals every y_j: W1 = 0, nothing to solve
@@ -731,17 +743,19 @@ def _kernel(
     seed: int,
     names: tuple[str, str] = ("x", "y"),
     row_norms: tuple[torch.Tensor, torch.Tensor] | None = None,
+    paired_dist: torch.Tensor | None = None,
 ) -> tuple[Value, dict[str, Any]]:
     """One pair of checked, finite tensors, any method (``exact``/``sinkhorn``: float64).
 
-    ``row_norms`` (||x_i||, ||y_j||), when a caller has them, spare ``exact`` a pass.
+    ``row_norms`` (||x_i||, ||y_j||) and ``paired_dist`` (||x_i - y_i||), when a caller
+    has them, spare ``exact`` passes over the samples.
 
     The engine's entry below the argument checks: :func:`wasserstein` checks and
     converts, then comes here; the monitor, whose configuration was checked once when
     it was built, calls it directly.
     """
     if method == "exact":
-        return _exact(tx, ty, dict(opts), row_norms)
+        return _exact(tx, ty, dict(opts), row_norms, paired_dist)
     if method == "sinkhorn":
         return _sinkhorn(tx, ty, dict(opts))
     dtype = opts.get("dtype") or tx.dtype

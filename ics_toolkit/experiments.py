@@ -767,6 +767,7 @@ def run_main(
                 seed=run_seed,
                 path=parts,
                 run=name,
+                precision="float64",  # the main job's numbers are the float64 reference
             )
             log.start(name)
 

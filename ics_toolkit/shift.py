@@ -23,7 +23,7 @@ import torch
 from ics_toolkit import _checks, _vocab, diagnostics
 from ics_toolkit._norm_snapshot import NormSnapshot, norm_pair, norm_snapshot
 from ics_toolkit.bound_terms import bound_terms
-from ics_toolkit.bounding import RTOL, _bounds, _u3_stored_terms, check_order
+from ics_toolkit.bounding import RTOL, _bounds, _differences, _u3_stored_terms, check_order
 from ics_toolkit.distances import _half_index, _kernel, _many, _parse_options
 from ics_toolkit.errors import ICSError, ICSTypeError, ICSValueError, ICSWarning
 from ics_toolkit.moments import _column_moments, _drift
@@ -65,6 +65,14 @@ class MeasureConfig:
         Tolerance of the bound checks.
     method_options : mapping
         Extra options per method, e.g. ``{"sinkhorn": {"reg": 0.05}}``.
+    precision : {"float64", "float32"}
+        Dtype of the analysis. ``"float64"`` (the default here, the reference) converts
+        every view to float64 once; ``"float32"`` (:class:`ics_toolkit.ICSMonitor`'s
+        default) analyses float32 captures as stored: about 2x faster, every estimate,
+        floor, bound and interval within a relative :data:`~ics_toolkit._vocab.FLOAT32_ERROR`
+        (1e-4) of the float64 value, bounds checked with ``max(rtol, 1e-5)``. The ``exact``
+        solver always runs in float64 on the cost matrix; the U3 terms are accumulated in
+        float64 either way.
     """
 
     methods: tuple[str, ...] = _vocab.DEFAULT_METHODS
@@ -77,6 +85,7 @@ class MeasureConfig:
     max_pixel_samples: int = 1024
     rtol: float = RTOL
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    precision: str = "float64"
     token_mask: Any = None  # the probe's padding mask (N, T) for the ``token`` view, or None
     #: every method's options in full (defaults filled in, checked); set when built
     options: Mapping[str, Mapping[str, Any]] = field(
@@ -100,6 +109,7 @@ class MeasureConfig:
             _checks.integer(self.max_pixel_samples, "max_pixel_samples", 2),
         )
         put(self, "rtol", _checks.positive_number(self.rtol, "rtol"))
+        put(self, "precision", _checks.choice(self.precision, "precision", _vocab.PRECISIONS))
         given = _method_options(self.method_options)
         put(self, "method_options", given)
         options = {}
@@ -107,8 +117,22 @@ class MeasureConfig:
             opts = dict(given.get(method, {}))
             if method in ("exact", "sinkhorn"):
                 opts.setdefault("on_failure", "flag")  # a failed solve is a flagged row
+            elif self.precision == "float32":
+                opts.setdefault("dtype", None)  # the float32 views as they are
             options[method] = _parse_options(method, opts, log=True)
         put(self, "options", options)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The analysis dtype (``precision`` as a torch dtype)."""
+        return torch.float32 if self.precision == "float32" else torch.float64
+
+    @property
+    def check_rtol(self) -> float:
+        """The bound checks' relative tolerance: ``rtol``, at least 1e-5 in float32."""
+        if self.precision == "float32":
+            return max(self.rtol, _vocab.FLOAT32_RTOL)
+        return self.rtol
 
 
 # options the monitor passes to every method itself: setting them per method would clash
@@ -212,8 +236,10 @@ def measure_step(
 
     Notes
     -----
-    Everything runs on the captures' device, in float64, with autocast disabled (a
-    capture taken under ``torch.autocast`` is analysed at full precision); only the
+    Everything runs on the captures' device, in ``config.precision`` (a (layer, view)
+    whose row norms float32 cannot square safely, above 1e15 or all below 1e-15, in
+    float64), with autocast disabled (a capture taken under ``torch.autocast`` is
+    analysed at full precision); only the
     ``exact`` solver's cost matrix (POT runs on the CPU) and the final numbers move
     to the host. Keys in ``before.sketched`` are random-projection sketches: their
     rows get the view ``"sketch"``, every quantity is that of the sketch (lower
@@ -258,9 +284,9 @@ def _measure_step(
                 )
                 if name == "token":
                     opts["mask"] = config.token_mask
-                # float64 once here, not in every estimator below
-                xv = view(x, name, info, **opts).to(torch.float64)
-                yv = view(y, name, info, **opts).to(torch.float64)
+                # the analysis dtype once here, not in every estimator below
+                xv = view(x, name, info, **opts).to(config.dtype)
+                yv = view(y, name, info, **opts).to(config.dtype)
                 g = {"x": xv, "y": yv, "opts": opts, "rows": []}
                 if name in ("flatten", "channel") and x.dtype in (torch.float32, torch.float64):
                     # these views hold every stored value, which float64 holds exactly: the
@@ -270,6 +296,14 @@ def _measure_step(
                     torch.linalg.vector_norm(xv, dim=1),
                     torch.linalg.vector_norm(yv, dim=1),
                 )
+                if xv.dtype == torch.float32 and not _float32_safe(*g["norms"]):
+                    # squared norms would overflow or underflow float32 (or a value is not
+                    # finite: float64 tells which): this (layer, view) is analysed in float64
+                    g["x"], g["y"] = xv, yv = xv.double(), yv.double()
+                    g["norms"] = (
+                        torch.linalg.vector_norm(xv, dim=1),
+                        torch.linalg.vector_norm(yv, dim=1),
+                    )
                 if name == covering:
                     x_ok = bool(torch.isfinite(g["norms"][0].sum()))
                     y_ok = bool(torch.isfinite(g["norms"][1].sum()))
@@ -338,7 +372,12 @@ def _measure_groups(
                 v = value if method == "sliced" else float(per_direction.max())
                 _estimate_rows(g, method, v, seconds / len(methods), config)
 
-    for g in groups.values():
+    for (_, name), g in groups.items():
+        paired = g["x"].shape[0] == g["y"].shape[0]
+        if paired and config.bounds and name != "channel":
+            # one pass over x - y: U1/U2's row distances and L3's per-column upper values,
+            # and the cost matrix's diagonal where it would be differenced again
+            g["differences"] = _differences(g["x"], g["y"])
         for method in g["methods"]:
             start = time.perf_counter()
             try:
@@ -350,6 +389,7 @@ def _measure_groups(
                     config.n_projections,
                     config.seed,
                     row_norms=g["norms"],
+                    paired_dist=g["differences"][0] if "differences" in g else None,
                 )
             except ICSError as err:  # e.g. a problem too large for the exact solver
                 g["rows"].append(_row("estimate", method, math.nan, warning=str(err)))
@@ -427,6 +467,21 @@ def _floor_row(
     return _row("floor", f"floor_{method}", value, wall_time_s=time.perf_counter() - start)
 
 
+#: Row norms a float32 analysis handles: their squares (cost matrices, second moments)
+#: stay far from float32's overflow (3.4e38) and from its subnormal range (1.2e-38).
+_FLOAT32_NORMS = (1e-15, 1e15)
+
+
+def _float32_safe(nx: torch.Tensor, ny: torch.Tensor) -> bool:
+    """Whether samples with row norms ``nx``, ``ny`` can be analysed in float32.
+
+    Every row norm must be finite and at most 1e15, and the largest at least 1e-15
+    (a layer of exact zeros is analysed in float64, where it costs nothing).
+    """
+    top = float(torch.maximum(nx.max(), ny.max()))
+    return math.isfinite(top) and _FLOAT32_NORMS[0] <= top <= _FLOAT32_NORMS[1]
+
+
 def _all_finite(t: torch.Tensor) -> bool:
     """No NaN / Inf in ``t``, in one pass without a mask the size of ``t``.
 
@@ -487,7 +542,13 @@ def _bound_rows(
     if a is not None and b is not None:
         if a.form == b.form == "batchnorm" and name == "flatten":
             # from the stored values, in float64 row blocks: no float64 copy of x_hat
-            u3 = _u3_stored_terms(a.x_hat, b.x_hat, (a.weight, b.weight), (a.bias, b.bias))
+            u3 = _u3_stored_terms(
+                a.x_hat,
+                b.x_hat,
+                (a.weight, b.weight),
+                (a.bias, b.bias),
+                precise=config.precision == "float64",
+            )
         else:
             norms = norm_pair(a, b, name, g["opts"])
     have_max_sliced = "max_sliced" in g["batched"]
@@ -500,6 +561,7 @@ def _bound_rows(
         config.seed,
         gap=mx - my,
         row_norms=g["norms"],
+        differences=g.get("differences"),
     )
     if u3 is not None:  # U3 and its terms (ics_toolkit.bound_terms) from stored values
         values["U3"] = sum(u3)
@@ -526,7 +588,7 @@ def _check_group(step: int, key: str, name: str, g: dict[str, Any], config: Meas
     values = {r["quantity"]: r["value"] for r in g["rows"] if r["kind"] != "floor"}
     pair = g.get("stored", (g["x"], g["y"]))
     scale = max(float(v.abs()) for t in pair for v in torch.aminmax(t))
-    check = check_order(values, rtol=config.rtol, scale=scale)
+    check = check_order(values, rtol=config.check_rtol, scale=scale)
     text = "; ".join(check.violations)
     for row in g["rows"]:
         row["bounds_hold"] = check.holds
