@@ -171,7 +171,13 @@ def test_capture_under_autocast_is_stored_as_asked_and_analysed_in_float64():
     model = Shared()
     x = probe(32)
     mon = ics.ICSMonitor(
-        model, x, every=1, layers=["fc", "bn", "ln"], methods=("exact",), reuse_probe=False
+        model,
+        x,
+        every=1,
+        layers=["fc", "bn", "ln"],
+        methods=("exact",),
+        reuse_probe=False,
+        precision="float64",
     )
     seen = []
     capture = mon._capture
