@@ -126,11 +126,12 @@ def step_rows(
                     method,
                     x,
                     y,
-                    dict(logs.get(method, {})),
+                    {**logs.get(method, {}), "value": values[method]},
                     _solver(config),
                     uncertainty.DEFAULT_LEVEL,
                     uncertainty.DEFAULT_RESAMPLES,
                     config.seed,
+                    cost_solve=_cost_solver(config),
                 )
             except ICSError as err:  # a resample the exact solver could not finish
                 low = high = math.nan
@@ -156,5 +157,16 @@ def _solver(config: Any) -> Callable[[torch.Tensor, torch.Tensor], float]:
     def solve(a: torch.Tensor, b: torch.Tensor) -> float:
         opts = {**config.options["exact"], "on_failure": "raise"}
         return float(_kernel("exact", a, b, opts, config.n_projections, config.seed)[0])
+
+    return solve
+
+
+def _cost_solver(config: Any) -> Callable[[Any], float]:
+    """The exact W1 of a resample's float64 cost matrix (uniform weights), as :func:`_solver`."""
+    from ics_toolkit.distances import _solve_cost
+
+    def solve(cost: Any) -> float:
+        opts = {**config.options["exact"], "on_failure": "raise"}
+        return _solve_cost(cost, opts)
 
     return solve

@@ -479,6 +479,7 @@ def _exact(
     opts: dict[str, Any],
     row_norms: tuple[torch.Tensor, torch.Tensor] | None = None,
     paired_dist: torch.Tensor | None = None,
+    keep_cost: bool = False,
 ) -> tuple[float, dict[str, Any]]:
     n, m = tx.shape[0], ty.shape[0]
     info = _base_log("exact", tx, ty)
@@ -493,20 +494,15 @@ def _exact(
     _check_memory(n, m, _EXACT_BYTES_PER_CELL, opts["memory_limit"], "exact")
     ot = import_ot()  # lazily: importing POT is slow and may touch the GPU
 
-    num_iter = opts["numItermax"] or default_num_iter_max(n, m)
     cost = _euclidean_cost(tx, ty, row_norms, paired_dist).cpu().numpy()
     cost = cost.astype(np.float64, copy=False)  # POT solves in float64
-    a = np.full(n, 1.0 / n)
-    b = np.full(m, 1.0 / m)
-    with warnings.catch_warnings():
-        for message in _POT_EMD_WARNINGS:
-            warnings.filterwarnings("ignore", message=message, category=UserWarning)
-        plan, pot_log = ot.emd(a, b, cost, numItermax=num_iter, log=True)
+    value, plan, pot_log, num_iter = _emd(ot, cost, opts)
     code = int(pot_log["result_code"])
     status = _EMD_STATUS.get(code, f"result_code {code}")
-    value = float(pot_log["cost"])  # the solver's cost: the value ot.emd2 returns
     if n == m:  # the mass the optimal plan keeps on the pairs (i, i)
         info["identity_share"] = float(np.trace(plan))
+    if keep_cost:  # the monitor's intervals solve resamples on its submatrices
+        info["cost_matrix"] = cost
     info.update(
         solver="ot.emd",
         status=status,
@@ -515,15 +511,45 @@ def _exact(
         warning=pot_log.get("warning"),
     )
     if code != 1 and opts["on_failure"] == "raise":
-        raise SolverError(
-            f"exact W1 (POT emd2) on {n} x {m} samples stopped before optimality "
-            f"(status {status!r}, numItermax={num_iter}); its value {value:.6g} must not "
-            "be trusted. Pass a larger numItermax, or on_failure='flag' with log=True to "
-            "get the value with its status",
-            value=value,
-            status=status,
-        )
+        _raise_unsolved(cost.shape, status, num_iter, value)
     return value, info
+
+
+def _emd(ot: Any, cost: np.ndarray, opts: Mapping[str, Any]) -> tuple[float, Any, dict, int]:
+    """POT's network simplex on a float64 cost matrix, uniform weights: value, plan, log."""
+    n, m = cost.shape
+    num_iter = opts["numItermax"] or default_num_iter_max(n, m)
+    with warnings.catch_warnings():
+        for message in _POT_EMD_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        plan, pot_log = ot.emd(
+            np.full(n, 1.0 / n), np.full(m, 1.0 / m), cost, numItermax=num_iter, log=True
+        )
+    return float(pot_log["cost"]), plan, pot_log, num_iter  # cost: what ot.emd2 returns
+
+
+def _raise_unsolved(shape: tuple[int, ...], status: str, num_iter: int, value: float) -> None:
+    raise SolverError(
+        f"exact W1 (POT emd2) on {shape[0]} x {shape[1]} samples stopped before optimality "
+        f"(status {status!r}, numItermax={num_iter}); its value {value:.6g} must not "
+        "be trusted. Pass a larger numItermax, or on_failure='flag' with log=True to "
+        "get the value with its status",
+        value=value,
+        status=status,
+    )
+
+
+def _solve_cost(cost: np.ndarray, opts: Mapping[str, Any]) -> float:
+    """The exact W1 of a float64 (n, m) cost matrix with ``exact``'s options.
+
+    Raises :class:`SolverError` when the solver stops early and ``on_failure`` is
+    ``"raise"``.
+    """
+    value, _, pot_log, num_iter = _emd(import_ot(), cost, opts)
+    code = int(pot_log["result_code"])
+    if code != 1 and opts["on_failure"] == "raise":
+        _raise_unsolved(cost.shape, _EMD_STATUS.get(code, f"result_code {code}"), num_iter, value)
+    return value
 
 
 def _sinkhorn(
@@ -744,18 +770,20 @@ def _kernel(
     names: tuple[str, str] = ("x", "y"),
     row_norms: tuple[torch.Tensor, torch.Tensor] | None = None,
     paired_dist: torch.Tensor | None = None,
+    keep_cost: bool = False,
 ) -> tuple[Value, dict[str, Any]]:
     """One pair of checked, finite tensors, any method (``exact``/``sinkhorn``: float64).
 
     ``row_norms`` (||x_i||, ||y_j||) and ``paired_dist`` (||x_i - y_i||), when a caller
-    has them, spare ``exact`` passes over the samples.
+    has them, spare ``exact`` passes over the samples. ``keep_cost``: ``exact``'s log
+    keeps its float64 (n, m) cost matrix as ``cost_matrix`` (the monitor's intervals).
 
     The engine's entry below the argument checks: :func:`wasserstein` checks and
     converts, then comes here; the monitor, whose configuration was checked once when
     it was built, calls it directly.
     """
     if method == "exact":
-        return _exact(tx, ty, dict(opts), row_norms, paired_dist)
+        return _exact(tx, ty, dict(opts), row_norms, paired_dist, keep_cost)
     if method == "sinkhorn":
         return _sinkhorn(tx, ty, dict(opts))
     dtype = opts.get("dtype") or tx.dtype

@@ -390,6 +390,7 @@ def _measure_groups(
                     config.seed,
                     row_norms=g["norms"],
                     paired_dist=g["differences"][0] if "differences" in g else None,
+                    keep_cost=method == "exact",
                 )
             except ICSError as err:  # e.g. a problem too large for the exact solver
                 g["rows"].append(_row("estimate", method, math.nan, warning=str(err)))

@@ -225,3 +225,28 @@ def test_the_monitors_bound_terms_add_up_to_its_bounds():
             values = dict(zip(group.quantity, group.value, strict=True))
             terms = sum(v for q, v in values.items() if q != bound)
             assert terms == pytest.approx(values[bound], rel=1e-12)
+
+
+@pytest.mark.parametrize("identity", [True, False])
+def test_interval_from_the_exact_cost_matrix_equals_the_one_from_the_samples(identity):
+    # the monitor's path: paired means from the cost matrix's diagonal, resamples solved
+    # on its submatrices, instead of passes over the samples and one GEMM per resample
+    from ics_toolkit import diagnostics, distances, shift
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(48, 20, generator=gen, dtype=torch.float64)
+    noise = torch.randn(48, 20, generator=gen, dtype=torch.float64)
+    y = x + 0.01 * noise if identity else noise
+    config = shift.MeasureConfig(methods=("exact",))
+    value, log = distances._kernel("exact", x, y, config.options["exact"], 0, 0, keep_cost=True)
+    assert (log["identity_share"] >= 1 - uncertainty.IDENTITY_TOL) == identity
+    plain = {k: v for k, v in log.items() if k != "cost_matrix"}
+    args = ("exact", x, y)
+    tail = (diagnostics._solver(config), 0.95, 400, 0)
+    old = uncertainty.interval(*args, plain, *tail)
+    new = uncertainty.interval(
+        *args, {**log, "value": value}, *tail, cost_solve=diagnostics._cost_solver(config)
+    )
+    assert new[2] == old[2] == ("paired means" if identity else "exact solves")
+    assert new[0] == pytest.approx(old[0], rel=1e-9) and new[1] == pytest.approx(old[1], rel=1e-9)
+    assert new[0] < new[1]
