@@ -139,7 +139,7 @@ MODES: tuple[str, ...] = ("train", "eval", "keep")
 
 #: Floating-point precision of a measured step's analysis (``ICSMonitor(precision=...)``):
 #: float64 is the reference; float32 is the monitor's fast default, within
-#: :data:`FLOAT32_ERROR` of it (docs/theory.md, "Precision").
+#: :data:`FLOAT32_ERROR` of it (docs/theory.md section 5, docs/guide.md section 6).
 PRECISIONS: tuple[str, ...] = ("float32", "float64")
 
 #: Documented largest relative difference between a float32 and a float64 analysis of
