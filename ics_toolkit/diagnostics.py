@@ -34,12 +34,16 @@ __all__ = ["MAX_SOLVED_N", "relative_rows", "rms_scale", "step_rows"]
 MAX_SOLVED_N = 512
 
 
-def rms_scale(x: torch.Tensor) -> float:
-    """sqrt(mean_i ||x_i||^2) of an (n, d) sample: the unit of the relative values."""
-    # row norms combined in float64: no float64 copy, and float32 row norms are
-    # accurate (~1e-6) where one float32 norm of n * d values is not (~1e-4)
-    rows = torch.linalg.vector_norm(x, dim=1).double()
-    return float(torch.linalg.vector_norm(rows)) / math.sqrt(x.shape[0])
+def rms_scale(x: torch.Tensor, row_norms: torch.Tensor | None = None) -> float:
+    """sqrt(mean_i ||x_i||^2) of an (n, d) sample: the unit of the relative values.
+
+    ``row_norms`` (||x_i||, shape (n,)) reuse what a caller computed.
+    """
+    if row_norms is None:
+        row_norms = torch.linalg.vector_norm(x, dim=1)
+    # row norms combined in float64: float32 row norms are accurate (~1e-6) where one
+    # float32 norm of all n * d values is not (~1e-4)
+    return float(torch.linalg.vector_norm(row_norms.double())) / math.sqrt(x.shape[0])
 
 
 def relative_rows(rows: Sequence[Mapping[str, Any]], scale: float) -> list[dict[str, Any]]:
@@ -66,12 +70,13 @@ def step_rows(
     rows: Sequence[Mapping[str, Any]],
     logs: Mapping[str, Mapping[str, Any]],
     config: Any,
+    row_norms: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """The scale, identity-share, interval and relative rows of one (layer, view).
 
     Parameters
     ----------
-    x, y : torch.Tensor, shape (n, d), float64
+    x, y : torch.Tensor, shape (n, d), float32 or float64
         The view's samples before and after the step (row i: the same probe input).
     rows : sequence of dict
         The rows already measured for this (layer, view) (estimates among them).
@@ -80,6 +85,8 @@ def step_rows(
     config : ics_toolkit.shift.MeasureConfig
         Its ``seed`` seeds the resamples; its ``exact`` options solve the resamples
         whose optimal plan is not the identity.
+    row_norms : torch.Tensor, shape (n,), optional
+        ||x_i||, when the caller has them (the scale is computed from them).
 
     Returns
     -------
@@ -89,7 +96,7 @@ def step_rows(
     """
     start = time.perf_counter()
     out: list[dict[str, Any]] = []
-    scale = rms_scale(x)
+    scale = rms_scale(x, row_norms)
     out.append({"quantity": _vocab.SCALE, "value": scale, "kind": "stat"})
     exact_log = logs.get("exact", {})
     if "identity_share" in exact_log:

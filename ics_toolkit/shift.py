@@ -70,9 +70,8 @@ class MeasureConfig:
         every view to float64 once; ``"float32"`` (:class:`ics_toolkit.ICSMonitor`'s
         default) analyses float32 captures as stored: about 2x faster, every estimate,
         floor, bound and interval within a relative :data:`~ics_toolkit._vocab.FLOAT32_ERROR`
-        (1e-4) of the float64 value, bounds checked with ``max(rtol, 1e-5)``. The ``exact``
-        solver always runs in float64 on the cost matrix; the U3 terms are accumulated in
-        float64 either way.
+        (1e-4) of the float64 value (U3 1e-3), bounds checked with ``max(rtol, 1e-5)``.
+        The ``exact`` solver always runs in float64 on the cost matrix.
     """
 
     methods: tuple[str, ...] = _vocab.DEFAULT_METHODS
@@ -432,7 +431,9 @@ def _measure_groups(
             for q, v in drift.items():
                 g["rows"].append(_row("drift", q, v, wall_time_s=seconds / len(drift)))
         # scale, identity share, intervals and relative values (issue #13)
-        g["rows"].extend(diagnostics.step_rows(x, y, g["rows"], g.get("logs", {}), config))
+        g["rows"].extend(
+            diagnostics.step_rows(x, y, g["rows"], g.get("logs", {}), config, g["norms"][0])
+        )
         _check_group(step, key, name, g, config)
 
 
