@@ -3,12 +3,21 @@
 Each bound of :mod:`ics_toolkit.bounding` is a sum of terms; reported one by one, they
 say which part dominates (docs/theory.md, "Why the bounds are loose"):
 
-U3 (BatchNorm) = ``U3_core`` + ``U3_gamma`` + ``U3_beta``
+U3 (BatchNorm, the paper's form) = ``U3_core`` + ``U3_eps`` + ``U3_gamma`` + ``U3_beta``,
+and U3_tight (the same bound with the measured second moments) = ``U3_core`` +
+``U3_gamma`` + ``U3_beta`` = U3 - ``U3_eps``:
 
-- ``U3_core`` = max|gamma| sqrt(2 d'(1 - rho)): the normalized values' move. It is
-  at most max|gamma| * 2 sqrt(d') and reaches sqrt(2 d') max|gamma| when rho -> 0;
-  it follows the correlation rho of the normalized values, not their distances, so
-  it is loose whenever the step is small compared with sqrt(d').
+- ``U3_core`` = max|gamma| sqrt(m2(x_hat) + m2(y_hat) - 2c) = max|gamma| times the RMS
+  displacement sqrt(mean ||x_hat_i - y_hat_i||^2) of the normalized values: the step
+  itself, through the correlation c of the normalized values. It reaches
+  max|gamma| sqrt(2d) (the paper's sqrt(d) cap) only when the step decorrelates them.
+- ``U3_eps`` = max|gamma| (sqrt(2 d'(1 - rho)) - sqrt(m2(x_hat) + m2(y_hat) - 2c))
+  = max|gamma| e / (sqrt(e + r^2) + r) with e = 2 (d' - (m2(x_hat) + m2(y_hat)) / 2)
+  and r^2 = m2(x_hat) + m2(y_hat) - 2c: what replacing the measured second moments by
+  d' = max(d, m2(x_hat), m2(y_hat)) adds. In train mode, d - m2 = sum_j eps / (var_j + eps)
+  over the coordinates: channels with a variance near or below eps (dead units); in
+  eval mode or on a subsampled view also the gap between the two sides' moments.
+  U3_core + U3_eps = max|gamma| sqrt(2 d'(1 - rho)) is the paper's core.
 - ``U3_gamma`` = sqrt(mean_i ||(gamma - gamma') y_hat_i||^2): the change of the scale.
 - ``U3_beta`` = ||beta - beta'||: the change of the shift.
 
@@ -35,22 +44,14 @@ import math
 import torch
 
 from ics_toolkit import _vocab
-from ics_toolkit.bounding import _mean_dot, _mean_sq_norm, _Norm, _norms_over_k
+from ics_toolkit.bounding import _mean_sq_norm, _Norm, _norms_over_k, _u3_parts
 
 __all__ = ["bound_terms"]
 
 
 def _u3_terms(a: _Norm, b: _Norm) -> dict[str, float]:
-    d = a.x_hat.shape[1]
-    m2x, m2y = _mean_sq_norm(a.x_hat), _mean_sq_norm(b.x_hat)
-    d_eff = max(float(d), m2x, m2y)
-    c = _mean_dot(a.x_hat, b.x_hat)
-    core = math.sqrt(max(2.0 * (d_eff - c), 0.0))
-    column_sq = torch.linalg.vector_norm(b.x_hat, dim=0).square() / b.x_hat.shape[0]
-    gamma = math.sqrt(max(float(torch.dot((a.weight - b.weight).square(), column_sq)), 0.0))
-    beta = float(torch.linalg.vector_norm(a.bias - b.bias))
     names = _vocab.BOUND_TERMS["U3"]
-    return dict(zip(names, (float(a.weight.abs().max()) * core, gamma, beta), strict=True))
+    return dict(zip(names, _u3_parts(a, b), strict=True))
 
 
 def _u5_terms(a: _Norm, b: _Norm) -> dict[str, float]:
@@ -71,7 +72,8 @@ def bound_terms(a: _Norm, b: _Norm) -> dict[str, float]:
     """The terms of U3 (``form="batchnorm"``) or U5 (``form="embedded"``); {} otherwise.
 
     ``a`` and ``b`` are the prepared states of the two steps (as the bound kernel
-    gets them); the returned terms sum to the bound.
+    gets them); the returned terms sum to the bound, and for BatchNorm the terms of
+    ``_vocab.BOUND_TERMS["U3_tight"]`` (all but ``U3_eps``) sum to U3_tight.
     """
     if a.form == "batchnorm":
         return _u3_terms(a, b)

@@ -15,11 +15,13 @@ step, where row ``i`` of both is the output for the same probe input ``u_i``:
       U1 = mean ||X_i - Y_i||                      (= the ``paired`` estimator)
       U2 = sqrt(mean ||X_i - Y_i||^2)              (Jensen: U1 <= U2)
       U3   BatchNorm outputs: set by sqrt(d) and the correlation of the normalized values
+      U3_tight  the same with the measured second moments instead of d (U3_tight <= U3)
       U4   unitized outputs: 2 |alpha| k, independent of noise (and of d when k = 1)
       U5   Unitization embedded in BatchNorm (the authors' layer)
 
 so that, for the empirical measures and up to float error,
-``L1, L2, L3 <= exact <= U1 <= U2`` and ``exact <= U3, U4, U5`` where they apply.
+``L1, L2, L3 <= exact <= U1 <= U2`` and ``exact <= U3_tight <= U3``,
+``exact <= U4, U5`` where they apply.
 
 Every function computes in float64 and returns Python floats.
 """
@@ -278,18 +280,53 @@ def _mean_dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.dot(a.reshape(-1), b.reshape(-1))) / a.shape[0]
 
 
-def _u3(a: _Norm, b: _Norm) -> float:
-    """BatchNorm: max|g| sqrt(2 d'(1 - rho)) + sqrt(mean ||(g - g') y_hat||^2) + ||b - b'||."""
+def _u3_split(m2x: float, m2y: float, gap_sq: float, d: int) -> tuple[float, float]:
+    """The two parts of U3's core sqrt(2 d'(1 - rho)) = sqrt(2 (d' - c)).
+
+    From ``m2x``, ``m2y`` (mean squared norms of the normalized values at both steps),
+    ``gap_sq`` = mean_i ||x_hat_i - y_hat_i||^2 = m2x + m2y - 2c and the dimension
+    ``d``: returns ``(rms, eps_part)`` with ``rms = sqrt(gap_sq)`` (U3_tight's core) and
+    ``rms + eps_part = sqrt(e + gap_sq) = sqrt(2 (d' - c))``, where
+    ``e = 2 d' - m2x - m2y >= 0`` and ``d' = max(d, m2x, m2y)`` (docs/theory.md, U3).
+    ``eps_part = e / (sqrt(e + gap_sq) + rms)``: no cancellation of the two roots.
+    """
+    d_eff = max(float(d), m2x, m2y)  # m2 <= d holds exactly only in train mode without eps
+    excess = max(2.0 * d_eff - m2x - m2y, 0.0)  # = 2 (d' - (m2x + m2y) / 2)
+    rms = math.sqrt(max(gap_sq, 0.0))
+    full = math.sqrt(excess + rms * rms)
+    return rms, (excess / (full + rms) if excess > 0 else 0.0)
+
+
+def _u3_parts(a: _Norm, b: _Norm) -> tuple[float, float, float, float]:
+    """U3's terms (core, eps, gamma change, beta change) of prepared BatchNorm states.
+
+    ``U3 = max|g| (rms + eps_part) + sqrt(mean ||(g - g') y_hat||^2) + ||b - b'||``,
+    ``U3_tight`` the same without ``eps_part`` (see :func:`_u3_split`).
+    """
     d = a.x_hat.shape[1]
     m2x, m2y = _mean_sq_norm(a.x_hat), _mean_sq_norm(b.x_hat)
-    d_eff = max(float(d), m2x, m2y)  # m2 <= d holds exactly only in train mode without eps
-    c = _mean_dot(a.x_hat, b.x_hat)
-    core = math.sqrt(max(2.0 * (d_eff - c), 0.0))  # = sqrt(2 d'(1 - rho)), rho = c / d'
+    # the RMS gap from the differences, not m2x + m2y - 2c: no cancellation for small steps
+    rms, eps_part = _u3_split(m2x, m2y, _mean_sq_norm(a.x_hat - b.x_hat), d)
     # mean_i ||(g - g') * y_i||^2 = sum_k (g_k - g'_k)^2 * mean_i y_ik^2
     column_sq = torch.linalg.vector_norm(b.x_hat, dim=0).square() / b.x_hat.shape[0]
     scale_change = math.sqrt(max(float(torch.dot((a.weight - b.weight).square(), column_sq)), 0))
     shift_change = float(torch.linalg.vector_norm(a.bias - b.bias))
-    return float(a.weight.abs().max()) * core + scale_change + shift_change
+    g = float(a.weight.abs().max())
+    return g * rms, g * eps_part, scale_change, shift_change
+
+
+def _u3(a: _Norm, b: _Norm) -> float:
+    """BatchNorm: max|g| sqrt(2 d'(1 - rho)) + sqrt(mean ||(g - g') y_hat||^2) + ||b - b'||."""
+    return sum(_u3_parts(a, b))
+
+
+def _u3_tight(parts: tuple[float, float, float, float]) -> float:
+    """U3_tight from U3's terms: U3 without its eps part (``parts[1]``).
+
+    ``max|g| sqrt(m2x + m2y - 2c) + sqrt(mean ||(g - g') y_hat||^2) + ||b - b'||``.
+    """
+    core, _, scale_change, shift_change = parts
+    return core + scale_change + shift_change
 
 
 def _u3_stored(
@@ -329,40 +366,41 @@ def _u3_stored_terms(
     weights: tuple[torch.Tensor | None, torch.Tensor | None],
     biases: tuple[torch.Tensor | None, torch.Tensor | None],
     precise: bool = True,
-) -> tuple[float, float, float]:
-    """The terms of U3 (core, gamma change, beta change) from stored normalized values.
+) -> tuple[float, float, float, float]:
+    """The terms of U3 (core, eps, gamma change, beta change) from stored normalized values.
 
     ``xa``, ``xb`` are a BatchNorm layer's normalized values before and after the step,
     shape (n, C, *spatial) in their storage dtype; ``weights`` and ``biases`` the
-    per-channel (C,) parameters (None: 1 and 0). The same formula as :func:`_u3` on
-    the flattened float64 values, but accumulated in float64 over row blocks converted
-    one at a time: no float64 copy of the layer, one pass over each side.
-    ``precise=False`` (the float32 analysis) sums float32 row norms instead, and the
-    core from the row differences: within ~1e-6 relative of the float64 sums.
+    per-channel (C,) parameters (None: 1 and 0). The same formula as :func:`_u3_parts`
+    on the flattened float64 values, but accumulated in float64 over row blocks
+    converted one at a time: no float64 copy of the layer, one pass over each side.
+    ``precise=False`` (the float32 analysis) sums float32 row norms instead: within
+    ~1e-6 relative of the float64 sums. U3 is the sum of the four terms, U3_tight the
+    sum without the eps term (:func:`_u3_tight`).
     """
     n, channels = xa.shape[0], xa.shape[1]
     fa, fb = xa.reshape(n, -1), xb.reshape(n, -1)
     d = fa.shape[1]
     f64 = {"dtype": torch.float64, "device": xa.device}
     if not precise and fa.dtype == torch.float32:
-        m2x_, m2y_, core_sq, column_sq = _u3_float32_sums(fa, fb, channels)
-        d_eff = max(float(d), m2x_, m2y_)
-        # 2 (d' - c) = (2 d' - m2x - m2y) + mean ||x_hat - y_hat||^2: no cancellation of
-        # the two near-d sums against the dot product in float32
-        core = math.sqrt(max(2.0 * d_eff - m2x_ - m2y_ + core_sq, 0.0))
+        m2x_, m2y_, gap_sq, column_sq = _u3_float32_sums(fa, fb, channels)
     else:
-        m2x, m2y, dot = (torch.zeros((), **f64) for _ in range(3))
+        m2x, m2y, gap = (torch.zeros((), **f64) for _ in range(3))
         column_sq = torch.zeros(channels, **f64)
         step = max(1, 2**18 // d)
         for lo in range(0, n, step):
-            a, b = fa[lo : lo + step].to(torch.float64), fb[lo : lo + step].to(torch.float64)
+            # copies (also of float64 storage): the block is changed in place below
+            a = fa[lo : lo + step].to(torch.float64, copy=True)
+            b = fb[lo : lo + step].to(torch.float64, copy=True)
             m2x += torch.linalg.vector_norm(a).square()
             m2y += torch.linalg.vector_norm(b).square()
-            dot += torch.dot(a.reshape(-1), b.reshape(-1))
+            # the RMS gap from the differences (U3_tight's core), not from the dot product:
+            # no cancellation of the near-d sums for small steps
+            gap += torch.linalg.vector_norm(a.sub_(b)).square()
             column_sq += b.square_().reshape(b.shape[0], channels, -1).sum(dim=(0, 2))
-        m2x_, m2y_, c = float(m2x) / n, float(m2y) / n, float(dot) / n
-        d_eff = max(float(d), m2x_, m2y_)  # m2 <= d holds exactly only in train mode w/o eps
-        core = math.sqrt(max(2.0 * (d_eff - c), 0.0))
+        m2x_, m2y_, gap_sq = float(m2x) / n, float(m2y) / n, float(gap) / n
+    # 2 (d' - c) = (2 d' - m2x - m2y) + mean ||x_hat - y_hat||^2, split into its two roots
+    rms, eps_part = _u3_split(m2x_, m2y_, gap_sq, d)
 
     def vec(t: torch.Tensor | None, fill: float) -> torch.Tensor:
         return torch.full((channels,), fill, **f64) if t is None else t.to(**f64).reshape(-1)
@@ -372,7 +410,8 @@ def _u3_stored_terms(
     scale_change = math.sqrt(max(float(torch.dot((wa - wb).square(), column_sq)) / n, 0.0))
     positions = d // channels  # a per-channel shift moves every position of its channel
     shift_change = math.sqrt(positions * float((ba - bb).square().sum()))
-    return float(wa.abs().max()) * core, scale_change, shift_change
+    g = float(wa.abs().max())
+    return g * rms, g * eps_part, scale_change, shift_change
 
 
 def _u4(a: _Norm, b: _Norm) -> float:
@@ -447,9 +486,9 @@ def bounds(
         probe input at both steps); with n != m only L1..L3 are returned.
     before, after : NormState, optional
         The normalization layer's internals at both steps. Given, the bound of that
-        layer is added: U3 for ``form="batchnorm"``, U4 for ``form="unitization"``,
-        U5 for ``form="embedded"`` (and U4 too when alpha == 1 at both steps, where the
-        authors' layer is a pure unitization).
+        layer is added: U3 and U3_tight for ``form="batchnorm"``, U4 for
+        ``form="unitization"``, U5 for ``form="embedded"`` (and U4 too when alpha == 1
+        at both steps, where the authors' layer is a pure unitization).
     n_projections : int
         Random directions tried by L3 (POT's name); L3 also tries every coordinate
         axis (``coordinate_axes``) and the direction of the mean gap, so L3 >= L1 and
@@ -467,9 +506,13 @@ def bounds(
     -------
     dict of str to float
         ``L1``, ``L2``, ``L3`` always; ``U1`` (mean paired distance) and ``U2``
-        (root mean square paired distance) when n == m; ``U3``/``U4``/``U5`` as above.
-        Lower bounds are <= the exact W1 and upper bounds >= it; check a set of values
-        with :func:`check_order`.
+        (root mean square paired distance) when n == m; ``U3``/``U3_tight``/``U4``/``U5``
+        as above. ``U3`` is the paper's form, ``max|g| sqrt(2 d'(1 - rho))`` with
+        ``d' = max(d, m2(x_hat), m2(y_hat))``, plus the gamma- and beta-change terms;
+        ``U3_tight`` (<= U3) the same with the measured second moments,
+        ``max|g| sqrt(m2(x_hat) + m2(y_hat) - 2c)``: the difference is the eps part
+        (docs/theory.md, U3). Lower bounds are <= the exact W1 and upper bounds >= it;
+        check a set of values with :func:`check_order`.
 
     Examples
     --------
@@ -607,9 +650,10 @@ def _paired_upper(
 
 
 def _norm_bounds(a: _Norm, b: _Norm) -> dict[str, float]:
-    """U3 / U4 / U5 of prepared (checked) norm states."""
+    """U3 and U3_tight / U4 / U5 of prepared (checked) norm states."""
     if a.form == "batchnorm":
-        return {"U3": _u3(a, b)}
+        parts = _u3_parts(a, b)
+        return {"U3": sum(parts), "U3_tight": _u3_tight(parts)}
     if a.form == "unitization":
         return {"U4": _u4(a, b)}
     out = {"U5": _u5(a, b)}

@@ -72,7 +72,8 @@ SWEEP_COLUMNS: dict[str, str] = {
     "noise": "std of the noise added to the update, relative to each coordinate's scale",
     "n_samples": "probe inputs n (rows of each sample)",
     "seed": "seed of the generator that drew the activations, update and noise",
-    "quantity": "exact (W1), L1..L3 (lower bounds), U1, U2, U3 (BatchNorm), U4 (unitized), "
+    "quantity": "exact (W1), L1..L3 (lower bounds), U1, U2, U3 (BatchNorm), U3_tight "
+    "(BatchNorm, measured second moments), U4 (unitized), "
     "rho (BatchNorm: mean <x_hat_i, y_hat_i> / d')",
     "kind": "estimate | lower | upper | stat",
     "value": "the number (W1 and bounds in the unit of the normalized outputs)",

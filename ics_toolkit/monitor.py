@@ -116,9 +116,10 @@ class ICSMonitor:
     where : {"output", "input", "both"}
         Measure the layers' outputs, inputs (keys ``name:input``) or both.
     bounds : bool
-        Evaluate the theory's bounds (L1-L3, U1, U2 always; U3 for BatchNorm, U5 (and
-        U4 at alpha = 1) for Unitization layers, on the normalized values they produced
-        with their affine parameters and alpha at both steps) and check their order.
+        Evaluate the theory's bounds (L1-L3, U1, U2 always; U3 and U3_tight for
+        BatchNorm, U5 (and U4 at alpha = 1) for Unitization layers, on the normalized
+        values they produced with their affine parameters and alpha at both steps) and
+        check their order.
     floor : bool or sequence of str
         Report the sampling floor (W1 between two random halves of the probe at step
         t, the noise level of a W1 estimate; see docs/theory.md) of the first of

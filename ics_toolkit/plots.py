@@ -87,6 +87,7 @@ STYLE: dict[str, Any] = {
 _PANEL = (3.6, 2.8)  # inches per panel
 _BOUND_LABELS = {
     "U3": "U3 (BatchNorm bound)",
+    "U3_tight": "U3_tight (BatchNorm bound, measured moments)",
     "U4": "U4 (unitization bound)",
     "U5": "U5 (Unitization-layer bound)",
 }
@@ -244,7 +245,8 @@ def plot_ics(
     smallest of ``paired`` and U1..U5 present; each >= the exact W1) lightly shaded,
     the probe-resampling 95 % interval of the estimate (``<quantity>_ci_low`` /
     ``_ci_high``, where measured) as a darker band, dotted, the normalization
-    layer's own bound (U3 BatchNorm, U4 unitized, U5 Unitization) where measured and,
+    layer's own bound (the smallest measured: U3_tight BatchNorm, U4 unitized, U5
+    Unitization; U3 for tables without U3_tight) where measured and,
     on request, the sampling floor ``floor_<quantity>`` dashed (the resolution of
     population-level statements, not an error bar of ICS; see docs/theory.md).
 
@@ -520,8 +522,9 @@ def plot_batch_sweep(
     matplotlib.figure.Figure
         Two panels against the batch size (log axis): the relative ICS (mean over the
         layers and steps of ``relative_exact``) per variant, and the relative
-        normalization bound (U3 / scale for BatchNorm, U5 / scale for Unitization), each
-        the mean over seeds with its interval.
+        normalization bound (U3_tight / scale for BatchNorm, U5 / scale for
+        Unitization: tight with tight, as U5's BatchNorm part has U3_tight's form; U3
+        for tables without U3_tight), each the mean over seeds with its interval.
     """
     from ics_toolkit.uncertainty import t_interval
 
@@ -532,9 +535,11 @@ def plot_batch_sweep(
         if "scale" not in wide:
             continue
         out = {}
-        for q in ("exact", "U3", "U5"):
+        for q in ("exact", "U3", "U3_tight", "U5"):
             if q in wide:
                 out[q] = float((wide[q] / wide["scale"]).mean())
+        if "U3_tight" in out:  # compare BatchNorm with U5 tight with tight
+            out.pop("U3", None)
         per_run[str(run)] = out
     variants = [v for v in order_runs(design["variant"]) if (design["variant"] == v).any()]
     sizes = sorted(design["batch_size"].astype(int).unique())
@@ -543,7 +548,7 @@ def plot_batch_sweep(
         plotted: list[float] = []
         for v_i, variant in enumerate(variants):
             style = series_style(v_i)
-            for ax, quantities in zip(axs, (("exact",), ("U3", "U5")), strict=True):
+            for ax, quantities in zip(axs, (("exact",), ("U3", "U3_tight", "U5")), strict=True):
                 xs, ys, errs = [], [], []
                 for b in sizes:
                     runs = design[(design["variant"] == variant) & (design["batch_size"] == b)]
@@ -562,7 +567,7 @@ def plot_batch_sweep(
                     ax.errorbar(xs, ys, yerr=err, capsize=3, label=variant, **style)
                     plotted += ys
         axs[0].set_title("relative ICS: exact W1 / scale")
-        axs[1].set_title("relative bound: U3 (BatchNorm), U5 (Unitization)")
+        axs[1].set_title("relative bound: U3_tight (BatchNorm), U5 (Unitization)")
         for ax in axs:
             ax.set_xscale("log", base=2)
             ax.set_xticks(sizes, [str(b) for b in sizes])

@@ -53,8 +53,10 @@ ESTIMATORS: tuple[str, ...] = _vocab.ESTIMATORS
 #: follow in order of appearance. A variant ``"unitization=1"`` sorts with its kind.
 RUN_ORDER: tuple[str, ...] = ("batch", "unitization", "group", "layer", "none")
 
-#: The normalization layers' own upper bounds (U3 BatchNorm, U4 unitized, U5 the
-#: authors' layer): unlike U1 / U2 they do not follow the measured displacement.
+#: The normalization layers' own upper bounds (U3 BatchNorm in the paper's form, U3_tight
+#: with the measured second moments, U4 unitized, U5 the authors' layer). The ``norm
+#: bound`` of a row is the smallest present: U3_tight for BatchNorm, so that it is
+#: compared with U5 (whose BatchNorm part has U3_tight's form) like with like.
 NORM_BOUNDS: tuple[str, ...] = _vocab.NORM_BOUNDS
 
 _REQUIRED = ("step", "layer", "view", "quantity", "value")
@@ -276,7 +278,8 @@ def summary(df: pd.DataFrame, *, quantity: str | None = None) -> pd.DataFrame:
           upper bound equals the estimate), ``lower_tightness``: mean of
           ``best_lower / ics`` (in [0, 1]; 1 is tight). NaN where undefined;
         - ``norm_bound``, ``norm_bound_name``, ``norm_tightness``: the same for the
-          normalization layer's own bound (U3, U4 or U5; NaN for other layers);
+          normalization layer's own bound (the smallest of U3_tight, U3, U4 and U5
+          present: U3_tight for BatchNorm; NaN for other layers);
         - ``floor``: mean sampling floor ``floor_<quantity>``; ``frac_above_floor``:
           share of steps whose ICS exceeds the floor;
         - ``bounds_hold_frac``: share of measured steps whose bounds held (every lower
@@ -467,8 +470,10 @@ def summary_markdown(
         variant: final accuracy, then one row per layer with the relative and absolute
         ICS, its probe-resampling interval, the other estimators, the best bounds,
         tightness, how often exact = paired (``identity_share`` = 1), how far the
-        normalization bound lies above ICS and its dominant term, and the share of
-        steps whose bounds held; below it, the coupling and the sampling floor in words.
+        normalization bound (U3_tight for BatchNorm) lies above ICS and its dominant
+        term, the same for the paper's U3 with what sets it (eps, correlation or the
+        affine change; where U3 was measured), and the share of steps whose bounds
+        held; below it, the coupling and the sampling floor in words.
 
     Examples
     --------
@@ -513,10 +518,18 @@ def summary_markdown(
         "points, and the cheap `paired` distance (U1) is the exact W1.",
         "- *norm bound / ICS*: how many times the normalization layer's own bound exceeds "
         "ICS, and the term of the bound that dominates it (`ics_toolkit.bound_terms`).",
+        "- *U3 (paper) / ICS*: the same for BatchNorm's U3 in the paper's form, "
+        "sqrt(2d'(1 - rho)) with d' = max(d, m2(X), m2(Y)), and what sets it: `eps` (U3_eps, "
+        "the part d' - (m2(X) + m2(Y))/2 that U3_tight does not have: channels with variance "
+        "near or below eps), `correlation` (U3_core, the step's move of the normalized values; "
+        "the sqrt(d) cap when the step decorrelates them) or `affine` (U3_gamma, U3_beta).",
         "- *exact / upper*: mean of ICS divided by the best (smallest) upper bound that step; "
         "*lower / exact*: the best (largest) lower bound divided by ICS. 1 = the bound is tight.",
-        "- *norm bound*: the normalization layer's own bound (U3 BatchNorm, U4 unitized, U5 "
-        "Unitization), from its normalized values and parameters at both steps; U1 (the "
+        "- *norm bound*: the normalization layer's own bound (U3_tight BatchNorm, U4 unitized, "
+        "U5 Unitization; the smallest measured), from its normalized values and parameters "
+        "at both steps. U3_tight is U3 with the measured second moments of the normalized "
+        "values, the form U5's BatchNorm part has: BatchNorm and Unitization are compared "
+        "tight with tight; U1 (the "
         "paired distance) is usually tight because the same-input coupling is nearly optimal "
         "for small steps.",
         "- *bounds hold*: share of steps where every lower bound <= exact <= every upper bound "
@@ -559,6 +572,7 @@ def summary_markdown(
     shares = _identity_shares(df, view)
     for run in runs:
         part = table[table["run"] == run]
+        paper_u3 = "mean_U3" in part and part["mean_U3"].notna().any()
         out += ["", f"## {run or '(unnamed)'}", ""]
         steps = int(part["n_steps"].max()) if len(part) else 0
         out += [f"Final test accuracy: {_accuracy(accuracies, run)}. Measured steps: {steps}."]
@@ -580,6 +594,7 @@ def summary_markdown(
             "exact / upper",
             "exact = paired",
             "norm bound / ICS",
+            *(["U3 (paper) / ICS"] if paper_u3 else []),
             "bounds hold",
         ]
         body = []
@@ -600,6 +615,7 @@ def summary_markdown(
                     r["upper_tightness"],
                     _pct(share),
                     _looseness(r),
+                    *([_looseness(r, "U3")] if paper_u3 else []),
                     _pct(r["bounds_hold_frac"]),
                 ]
             )
@@ -625,10 +641,25 @@ def _identity_shares(df: pd.DataFrame, view: str) -> dict[tuple[str, str], float
     return {(str(k[0]), str(k[1])): float(v) for k, v in means.items()}
 
 
-def _looseness(r: pd.Series) -> str:
-    """``norm bound / ICS`` and the dominant term of the bound, e.g. ``"5.1 (U3_core 97 %)"``."""
-    name, bound, ics = r.get("norm_bound_name"), r.get("norm_bound"), r.get("ics")
-    if not isinstance(name, str) or pd.isna(bound) or pd.isna(ics) or not ics > 0:
+#: What each term of U3 says sets the bound (docs/theory.md, "Why the bounds are loose").
+_U3_CAUSES = {"U3_core": "correlation", "U3_eps": "eps", "U3_gamma": "affine", "U3_beta": "affine"}
+
+
+def _looseness(r: pd.Series, name: str | None = None) -> str:
+    """``bound / ICS`` and the dominant term of the bound, e.g. ``"5.1 (U5_unit 97 %)"``.
+
+    ``name`` is the bound (default: the row's norm bound, ``norm_bound_name``); U3's
+    and U3_tight's dominant term is followed by what it stands for, e.g.
+    ``"900 (U3_eps 100 %, eps)"``.
+    """
+    if name is None:
+        name, bound = r.get("norm_bound_name"), r.get("norm_bound")
+    else:
+        bound = r.get(f"mean_{name}")
+    ics = r.get("ics")
+    if not isinstance(name, str) or bound is None or pd.isna(bound):
+        return "–"
+    if ics is None or pd.isna(ics) or not ics > 0:
         return "–"
     text = _fmt(float(bound) / float(ics), 3)
     terms = {t: r.get(f"mean_{t}") for t in _vocab.BOUND_TERMS.get(name, ())}
@@ -636,7 +667,8 @@ def _looseness(r: pd.Series) -> str:
     total = sum(terms.values())
     if terms and total > 0:
         top = max(terms, key=lambda t: terms[t])
-        text += f" ({top} {100 * terms[top] / total:.0f} %)"
+        text += f" ({top} {100 * terms[top] / total:.0f} %"
+        text += f", {_U3_CAUSES[top]})" if top in _U3_CAUSES else ")"
     return text
 
 

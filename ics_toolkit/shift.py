@@ -23,7 +23,14 @@ import torch
 from ics_toolkit import _checks, _vocab, diagnostics
 from ics_toolkit._norm_snapshot import NormSnapshot, norm_pair, norm_snapshot
 from ics_toolkit.bound_terms import bound_terms
-from ics_toolkit.bounding import RTOL, _bounds, _differences, _u3_stored_terms, check_order
+from ics_toolkit.bounding import (
+    RTOL,
+    _bounds,
+    _differences,
+    _u3_stored_terms,
+    _u3_tight,
+    check_order,
+)
 from ics_toolkit.distances import _half_index, _kernel, _many, _parse_options
 from ics_toolkit.errors import ICSError, ICSTypeError, ICSValueError, ICSWarning
 from ics_toolkit.moments import _column_moments, _drift
@@ -565,8 +572,8 @@ def _bound_rows(
         row_norms=g["norms"],
         differences=g.get("differences"),
     )
-    if u3 is not None:  # U3 and its terms (ics_toolkit.bound_terms) from stored values
-        values["U3"] = sum(u3)
+    if u3 is not None:  # U3, U3_tight and their terms (ics_toolkit.bound_terms) from stored values
+        values["U3"], values["U3_tight"] = sum(u3), _u3_tight(u3)
         values.update(zip(_vocab.BOUND_TERMS["U3"], u3, strict=True))
     elif norms is not None:  # the terms that U3 / U5 add up (ics_toolkit.bound_terms)
         values.update(bound_terms(*norms))

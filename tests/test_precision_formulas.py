@@ -120,7 +120,7 @@ def test_float32_l3_is_never_below_l1():
 
 
 def _u3_direct(xa, xb, weights, biases):
-    """U3's terms from the definitions, in float64 on the flattened values."""
+    """U3's terms (core, eps, gamma, beta) from the definitions, in float64 on the flat values."""
     n, channels = xa.shape[:2]
     a, b = xa.double().reshape(n, -1), xb.double().reshape(n, -1)
     d = a.shape[1]
@@ -129,12 +129,14 @@ def _u3_direct(xa, xb, weights, biases):
     c = float((a * b).sum(1).mean())
     wa, wb = (w.double() for w in weights)
     ba, bb = (v.double() for v in biases)
-    core = float(wa.abs().max()) * math.sqrt(2 * (d_eff - c))
+    g = float(wa.abs().max())
+    tight = g * math.sqrt(float((a - b).square().sum(1).mean()))  # the measured moments
+    paper = g * math.sqrt(2 * (d_eff - c))  # sqrt(2 d'(1 - rho))
     # mean_i ||(g - g') * y_hat_i||^2, y_hat_i over (C, *spatial)
     per_value = (wa - wb).view(1, channels, *([1] * (xb.dim() - 2))) * xb.double()
     scale_change = math.sqrt(float(per_value.reshape(n, -1).square().sum(1).mean()))
     shift_change = math.sqrt((d // channels) * float((ba - bb).square().sum()))
-    return core, scale_change, shift_change
+    return tight, paper - tight, scale_change, shift_change
 
 
 def test_float32_u3_terms_equal_the_direct_formula_when_second_moments_differ():

@@ -140,7 +140,9 @@ def test_summary_of_a_real_monitor_run_respects_the_theory():
     assert s.ics == pytest.approx(exact.mean())
     assert s.upper_tightness <= 1 + RTOL
     assert s.lower_tightness <= 1 + RTOL
-    assert s.norm_bound_name == "U3" and s.norm_tightness <= 1 + RTOL
+    # BatchNorm's norm bound is the tight form (the smallest), the paper's U3 beside it
+    assert s.norm_bound_name == "U3_tight" and s.norm_tightness <= 1 + RTOL
+    assert s.norm_bound == pytest.approx(s.mean_U3_tight) and s.mean_U3_tight <= s.mean_U3
     assert s.bounds_hold_frac == 1.0 and s.n_steps == 3
 
 
