@@ -359,7 +359,8 @@ def _u3_stored_terms(
             m2x += torch.linalg.vector_norm(a).square()
             m2y += torch.linalg.vector_norm(b).square()
             dot += torch.dot(a.reshape(-1), b.reshape(-1))
-            column_sq += b.square_().reshape(b.shape[0], channels, -1).sum(dim=(0, 2))
+            # not in place: for float64 input, `b` is a view of the caller's x_hat
+            column_sq += b.square().reshape(b.shape[0], channels, -1).sum(dim=(0, 2))
         m2x_, m2y_, c = float(m2x) / n, float(m2y) / n, float(dot) / n
         d_eff = max(float(d), m2x_, m2y_)  # m2 <= d holds exactly only in train mode w/o eps
         core = math.sqrt(max(2.0 * (d_eff - c), 0.0))
