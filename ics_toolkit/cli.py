@@ -235,7 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("results", nargs="+", metavar="RESULTS", help="files or folders")
     plot.add_argument("--out", required=True, metavar="DIR", help="folder for the figures")
     plot.add_argument("--quantity", help="ICS estimate drawn (default: exact when measured)")
-    plot.add_argument("--view", default="flatten", help="view drawn (default: flatten)")
+    plot.add_argument(
+        "--view",
+        default="flatten",
+        help="view drawn (default: flatten; it includes sketched layers, drawn by their "
+        "rescaled exact_jl and lower bounds)",
+    )
     plot.add_argument(
         "--formats",
         type=_csv(str, "formats"),

@@ -8,6 +8,10 @@ registered with pyplot, so notebooks display the returned figure once and script
 need not close it), styling goes through :func:`matplotlib.style.context`, and
 :func:`save_figure` writes PNG and SVG. Pass ``axes=`` to draw into your own axes.
 
+Sketched layers (``ICSMonitor(sketch=k)``, view ``"sketch"``) are drawn with the flatten
+view, by the rescaled ``exact_jl`` with its stated relative error band and the sketch's
+lower bounds only (:func:`ics_toolkit.report.bound_band`).
+
 Print and colour blindness: large fonts, the Okabe-Ito palette, and a distinct line
 style and marker per series, so that figures survive greyscale.
 
@@ -29,6 +33,7 @@ from ics_toolkit import _checks, _vocab
 from ics_toolkit.errors import ICSValueError
 from ics_toolkit.report import (
     NORM_BOUNDS,
+    _in_view,
     bound_band,
     check_columns,
     default_quantity,
@@ -208,7 +213,8 @@ def _legend(fig: Figure, axes: list[Axes], created: bool, ncols: int | None = No
             handles,
             labels,
             loc="outside lower center",
-            ncols=ncols or min(len(labels), 5),
+            # about 2.6 inches per entry, so a long legend wraps instead of being cut
+            ncols=ncols or max(1, min(len(labels), 5, int(fig.get_figwidth() / 2.6))),
         )
     else:
         axes[0].legend(handles, labels, loc="best")
@@ -249,6 +255,9 @@ def plot_ics(
     Unitization; U3 for tables without U3_tight) where measured and,
     on request, the sampling floor ``floor_<quantity>`` dashed (the resolution of
     population-level statements, not an error bar of ICS; see docs/theory.md).
+    A sketched layer's panel shows ``exact_jl`` for ``"exact"`` with the band of its
+    stated relative error ``sqrt(ln(2n) / k)`` instead of the interval, and no upper
+    bound (those computed on the sketch do not bound the layer's W1).
 
     Parameters
     ----------
@@ -258,7 +267,8 @@ def plot_ics(
     quantity : str
         The estimate drawn (``"exact"``, ``"sliced"``, ``"max_sliced"``, ...).
     view : str
-        The view drawn (``"flatten"``: one sample per probe input).
+        The view drawn (``"flatten"``: one sample per probe input; sketched layers
+        included).
     layers : str or sequence of str, optional
         Layers to draw, in this order (default: every layer, in model order).
     run : str, optional
@@ -340,9 +350,21 @@ def plot_ics(
                     linestyle="-",
                     marker=style["marker"],
                     markevery=max(1, len(steps) // 12),
-                    label=f"ICS ({quantity} W1)",
+                    label=_ics_label(part, quantity),
                 )
                 _draw_ci(ax, part, steps, style["color"])
+                plotted += _draw_sketch_error(ax, part, steps, values, style["color"])
+                only_low = np.isfinite(low) & ~np.isfinite(high)
+                if only_low.any():  # a sketch: its lower bounds hold, its upper ones do not
+                    ax.plot(
+                        steps[only_low],
+                        low[only_low],
+                        color=style["color"],
+                        linestyle="-.",
+                        linewidth=1.2,
+                        label="best lower bound",
+                    )
+                    plotted += list(low[only_low])
                 if norm_bound and part["norm_bound"].notna().any():
                     name = part["norm_bound_name"].dropna().mode().iloc[0]
                     nb = part["norm_bound"].to_numpy(dtype="float64")
@@ -471,7 +493,10 @@ def _with_ci(band: pd.DataFrame, df: pd.DataFrame, quantity: str, view: str) -> 
     if quantity.startswith("relative_"):
         base = _vocab.ci_names(quantity.removeprefix("relative_"))
         names = (_vocab.relative_name(base[0]), _vocab.relative_name(base[1]))
-    rows = df[df["quantity"].isin(names) & (df["view"] == view).fillna(False).astype(bool)]
+    rows = df[df["quantity"].isin(names) & _in_view(df["view"], view)]
+    if not quantity.startswith("relative_"):
+        # the interval of the sketch's exact W1, not of the rescaled estimate drawn
+        rows = rows[rows["view"] != "sketch"]
     band = band.copy()
     if rows.empty:
         band["ci_low"] = band["ci_high"] = np.nan
@@ -487,6 +512,36 @@ def _with_ci(band: pd.DataFrame, df: pd.DataFrame, quantity: str, view: str) -> 
     wide["step"] = wide["step"].astype("Int64")
     keys = ["run", "step", "layer"]
     return band.merge(wide[[*keys, "ci_low", "ci_high"]], on=keys, how="left")
+
+
+def _ics_label(part: pd.DataFrame, quantity: str) -> str:
+    """Legend label of the estimate; a sketched layer's is its JL estimate."""
+    if (part["view"] == "sketch").any() and not quantity.startswith("relative_"):
+        return "ICS (exact_jl, sketch)"
+    return f"ICS ({quantity} W1)"
+
+
+def _draw_sketch_error(
+    ax: Axes, part: pd.DataFrame, steps: np.ndarray, values: np.ndarray, color: Any
+) -> list[float]:
+    """The band value * (1 +- eps) of a sketched layer's estimate; the values drawn."""
+    if "sketch_eps" not in part or not part["sketch_eps"].notna().any():
+        return []
+    eps = part["sketch_eps"].to_numpy(dtype="float64")
+    low, high = values * (1 - eps), values * (1 + eps)
+    ok = np.isfinite(low) & np.isfinite(high)
+    ax.fill_between(
+        steps,
+        low,
+        high,
+        where=ok,
+        color=color,
+        alpha=0.3,
+        linewidth=0,
+        hatch="//",
+        label="sketch: JL error",
+    )
+    return [*low[ok], *high[ok]]
 
 
 def _draw_ci(ax: Axes, part: pd.DataFrame, steps: np.ndarray, color: Any) -> None:
@@ -528,7 +583,7 @@ def plot_batch_sweep(
     """
     from ics_toolkit.uncertainty import t_interval
 
-    rows = df[(df["view"] == view).fillna(False).astype(bool) & df["layer"].notna()]
+    rows = df[_in_view(df["view"], view) & df["layer"].notna()]
     per_run: dict[str, dict[str, float]] = {}
     for run, part in rows.groupby("run", sort=False):
         wide = part.pivot_table(index=["layer", "step"], columns="quantity", values="value")

@@ -15,6 +15,13 @@ condensed in three steps:
 :func:`fit_slopes` condenses the table of the dimension sweep (``sweep.csv``) into
 log-log slopes against the width ``d``.
 
+Rows of sketched layers (view ``"sketch"``, ``ICSMonitor(sketch=k)``) are read as the
+flatten view of their layer: the ICS estimate is the rescaled ``exact_jl`` with its
+stated relative error ``sqrt(ln(2n) / k)``, the bounds computed on the sketch that are
+lower bounds of the true W1 (its exact W1, L1..L3, ``sliced``, ``max_sliced``) are
+reported as lower bounds, and its upper bounds (``paired``, U1, U2), which bound only
+the sketch's W1, are never reported as bounds (``docs/theory.md``, section 9).
+
 Importing this module imports pandas, never matplotlib.
 """
 
@@ -60,6 +67,22 @@ RUN_ORDER: tuple[str, ...] = ("batch", "unitization", "group", "layer", "none")
 NORM_BOUNDS: tuple[str, ...] = _vocab.NORM_BOUNDS
 
 _REQUIRED = ("step", "layer", "view", "quantity", "value")
+
+#: View of the rows of sketched layers, and their estimate of the true W1 (shift.py).
+_SKETCH = "sketch"
+_JL = "exact_jl"
+#: What a sketched row reports for a requested quantity: the JL estimate for the exact
+#: W1; the sketch's own relative ICS, exact / scale, equal to exact_jl / (JL-rescaled
+#: scale) since the rescaling cancels (the table's ``relative_exact_jl`` divides
+#: exact_jl by the sketch's unrescaled scale: sqrt(d'/k) too large). Other estimators
+#: of the sketch are not estimates of the layer's (sliced W1 in R^k is not the sliced
+#: W1 in R^d), so they are NaN.
+_SKETCH_ESTIMATES = {
+    "exact": _JL,
+    _JL: _JL,
+    _vocab.relative_name("exact"): _vocab.relative_name("exact"),
+    _vocab.relative_name(_JL): _vocab.relative_name("exact"),
+}
 
 
 def check_columns(df: Any, required: Iterable[str], argument: str = "df") -> None:
@@ -117,12 +140,24 @@ def order_layers(layers: Iterable[Any]) -> list[str]:
     return [str(x) for x in dict.fromkeys(x for x in layers if not pd.isna(x))]
 
 
+def _in_view(views: pd.Series, view: str | None) -> pd.Series:
+    """Rows of ``view`` (all for None); ``"flatten"`` takes the sketched layers' rows too.
+
+    A sketch is the flatten view of a wide layer, projected (:mod:`ics_toolkit.sketch`):
+    a monitor stores each layer either way, so the two never describe the same layer.
+    """
+    if view is None:
+        return pd.Series(True, index=views.index)
+    wanted = (view, _SKETCH) if view == "flatten" else (view,)
+    return views.isin(wanted).fillna(False).astype(bool)
+
+
 def _rows_of(df: pd.DataFrame, view: str | None) -> pd.DataFrame:
     """Measurement rows (events dropped), optionally of one view, with a plain ``run``."""
     out = df.assign(run=_runs_column(df))
     keep = out["layer"].notna() & out["quantity"].notna()
     if view is not None:
-        keep &= (out["view"] == view).fillna(False).astype(bool)
+        keep &= _in_view(out["view"], view)
     if "kind" in out.columns:
         keep &= (out["kind"] != "event").fillna(True).astype(bool)
     return out.loc[keep.astype(bool)]
@@ -184,6 +219,7 @@ def bound_band(
         ``"exact"``); None picks the first of :data:`ESTIMATORS` present.
     view : str or None
         The view (``"flatten"``, ``"pixel"``, ``"channel"``); None keeps every view.
+        ``"flatten"`` includes the rows of sketched layers (view ``"sketch"``).
 
     Returns
     -------
@@ -197,8 +233,18 @@ def bound_band(
         >= the exact W1), ``norm_bound`` / ``norm_bound_name`` (the smallest of the
         normalization layer's own bounds :data:`NORM_BOUNDS` present), ``floor``
         (``floor_<quantity>``, NaN if not measured) and
-        ``bounds_hold`` (NA if not recorded). The estimate itself is not counted as
-        its own bound. Rows are in the table's run, step and layer order.
+        ``bounds_hold`` (NA if not recorded), ``sketch_eps`` (NaN but on sketched
+        rows). The estimate itself is not counted as its own bound. Rows are in the
+        table's run, step and layer order.
+
+        On a row of a sketched layer (view ``"sketch"``) the estimate of ``"exact"``
+        is the rescaled ``exact_jl`` (of ``relative_exact``: the sketch's exact /
+        scale, in which the rescaling cancels; of other quantities: NaN), with
+        ``sketch_eps`` = ``sqrt(ln(2n) / k)``, the scale of its relative error
+        (:func:`ics_toolkit.sketch.jl_epsilon`); ``best_lower`` counts the sketch's
+        exact W1 with its lower bounds (all lower bounds of the true W1); the upper
+        and normalization bounds are NaN (computed on the sketch, they bound its W1,
+        not the layer's); the floor is rescaled like the estimate.
 
     Examples
     --------
@@ -227,6 +273,7 @@ def bound_band(
                 "norm_bound_name",
                 "floor",
                 "bounds_hold",
+                "sketch_eps",
             ]
         )
     wide = _wide(rows, keys)
@@ -248,8 +295,49 @@ def bound_band(
         )
     else:
         out["bounds_hold"] = pd.NA
+    out["sketch_eps"] = np.nan
+    sketched = (wide["view"] == _SKETCH).to_numpy()
+    if sketched.any():
+        _sketch_band(out, wide, rows, quantity, sketched)
     out["step"] = out["step"].astype("Int64")
     return out.reset_index(drop=True)
+
+
+def _jl_epsilon(n: Any, k: Any) -> float:
+    """:func:`ics_toolkit.sketch.jl_epsilon` (not imported: that module imports torch)."""
+    if pd.isna(n) or pd.isna(k) or int(n) < 1 or int(k) < 1:
+        return math.nan
+    return math.sqrt(math.log(2 * int(n)) / int(k))
+
+
+def _sketch_band(
+    out: pd.DataFrame, wide: pd.DataFrame, rows: pd.DataFrame, quantity: str, sketched: Any
+) -> None:
+    """Read the rows of sketched layers as estimates of the true W1, in place.
+
+    ``out`` and ``wide`` share their index; ``sketched`` marks the sketch rows.
+    """
+    at = out.index[sketched]
+    source = _SKETCH_ESTIMATES.get(quantity)
+    out.loc[at, "value"] = wide.loc[at, source] if source in wide.columns else np.nan
+    # the sketch's exact W1 is a lower bound of the true W1 (a contraction), so it counts
+    low, low_name = _pick(wide.loc[at], [*LOWER_BOUNDS, "exact"], "max")
+    out.loc[at, "best_lower"], out.loc[at, "best_lower_name"] = low, low_name
+    for col in ("best_upper", "norm_bound"):  # bounds of the sketch's W1 only
+        out.loc[at, col] = np.nan
+        out.loc[at, f"{col}_name"] = pd.NA
+    floor: Any = np.nan
+    if source == _JL and {"exact", _JL, "floor_exact"} <= set(wide.columns):
+        ratio = (wide.loc[at, _JL] / wide.loc[at, "exact"]).astype("float64")  # sqrt(d'/k)
+        floor = wide.loc[at, "floor_exact"] * ratio.where(np.isfinite(ratio))
+    out.loc[at, "floor"] = floor
+    if {"n_samples", "dim"} <= set(rows.columns):
+        keys = ["run", "step", "layer", "view"]
+        exact = (rows["view"] == _SKETCH) & (rows["quantity"] == "exact")
+        sizes = rows.loc[exact, [*keys, "n_samples", "dim"]]
+        sizes = out.loc[at, keys].merge(sizes.drop_duplicates(keys), on=keys, how="left")
+        eps = [_jl_epsilon(n, k) for n, k in zip(sizes["n_samples"], sizes["dim"], strict=True)]
+        out.loc[at, "sketch_eps"] = eps
 
 
 def summary(df: pd.DataFrame, *, quantity: str | None = None) -> pd.DataFrame:
@@ -285,7 +373,14 @@ def summary(df: pd.DataFrame, *, quantity: str | None = None) -> pd.DataFrame:
         - ``bounds_hold_frac``: share of measured steps whose bounds held (every lower
           bound <= exact <= every upper bound); ``n_violations``: steps that failed;
         - ``mean_<q>``: the mean over steps of every other quantity measured (each
-          estimator, L1..L3, U1..U5, floors, moment drift, gradient ICS, ...).
+          estimator, L1..L3, U1..U5, floors, moment drift, gradient ICS, ...);
+        - ``sketch_eps``: on the rows of sketched layers (view ``"sketch"``), the
+          stated relative error ``sqrt(ln(2n) / k)`` of ``ics``, there the rescaled
+          ``exact_jl`` (see :func:`bound_band`); NaN on the other rows. There
+          ``mean_<q>`` are the sketch's own quantities (``mean_exact``: its exact W1,
+          a lower bound of ICS), and those of upper bounds (``paired``, U1, U2 and
+          their relative values and intervals) are NaN: they bound the sketch's W1,
+          not ICS.
 
     Examples
     --------
@@ -345,6 +440,7 @@ def summary(df: pd.DataFrame, *, quantity: str | None = None) -> pd.DataFrame:
             "n_violations": grouped["bounds_hold"].agg(
                 lambda s: int((~s.dropna().astype(bool)).sum())
             ),
+            "sketch_eps": grouped["sketch_eps"].mean(),
         }
     )
     if "dim" in rows.columns:
@@ -356,9 +452,25 @@ def summary(df: pd.DataFrame, *, quantity: str | None = None) -> pd.DataFrame:
     means.columns = [f"mean_{c}" for c in means.columns]
     out = out.join(means.reindex(out.index))
     out = out.reset_index()
+    _drop_sketch_uppers(out)
     order = {r: i for i, r in enumerate(order_runs(out["run"]))}
     out = out.sort_values("run", key=lambda s: s.map(order), kind="stable")
     return out.reset_index(drop=True)
+
+
+def _is_upper(column: str) -> bool:
+    """Whether ``mean_<q>`` is the mean of an upper bound, its relative value or interval."""
+    q = column.removeprefix("mean_").removeprefix("relative_")
+    q = q.removesuffix("_ci_low").removesuffix("_ci_high")
+    return q in UPPER_BOUNDS or _vocab.quantity_kind(q) == "upper"
+
+
+def _drop_sketch_uppers(table: pd.DataFrame) -> None:
+    """Blank, in place, the sketched rows' means of upper bounds (they bound the sketch only)."""
+    sketched = table["view"] == _SKETCH
+    if sketched.any():
+        uppers = [c for c in table.columns if c.startswith("mean_") and _is_upper(c)]
+        table.loc[sketched, uppers] = np.nan
 
 
 # ---------------------------------------------------------------------- markdown
@@ -453,7 +565,9 @@ def summary_markdown(
     quantity : str or None
         The ICS estimate reported (default ``"exact"`` when measured).
     view : str
-        The view reported (``"flatten"``: the paper's layer output).
+        The view reported (``"flatten"``: the paper's layer output; it includes the
+        sketched layers of an ``ICSMonitor(sketch=k)`` run, reported by the rescaled
+        ``exact_jl`` with its stated error and by their lower bounds only).
     title : str
         The level-1 heading.
     notes : sequence of str
@@ -485,7 +599,7 @@ def summary_markdown(
     True
     """
     table = summary(df, quantity=quantity)
-    table = table[table["view"] == view]
+    table = table[_in_view(table["view"], view)]
     if table.empty:
         views = sorted(set(_rows_of(df, None)["view"].dropna().astype(str)))
         raise ICSValueError(f"no rows with view={view!r} in `df`; views present: {views}")
@@ -600,14 +714,15 @@ def summary_markdown(
         body = []
         for _, r in part.iterrows():
             share = shares.get((run, r["layer"]))
+            sketched = r["view"] == _SKETCH
             body.append(
                 [
                     r["layer"],
-                    r.get("dim", None),
+                    f"k = {_fmt(r.get('dim'))} (sketch)" if sketched else r.get("dim", None),
                     r.get(f"mean_{rel}", None),
-                    r["ics"],
-                    _interval(r.get(ci_low), r.get(ci_high)),
-                    *[r[f"mean_{q}"] for q in estimators],
+                    _sketch_ics(r) if sketched else r["ics"],
+                    "–" if sketched else _interval(r.get(ci_low), r.get(ci_high)),
+                    *[None if sketched else r[f"mean_{q}"] for q in estimators],
                     _named(r["best_lower"], r["best_lower_name"]),
                     _named(r["best_upper"], r["best_upper_name"]),
                     _named(r["norm_bound"], r["norm_bound_name"]),
@@ -620,7 +735,7 @@ def summary_markdown(
                 ]
             )
         out.append(markdown_table(headers, body))
-        out += ["", *_coupling_and_floor(part, shares, run)]
+        out += ["", *_sketch_note(part), *_coupling_and_floor(part, shares, run)]
     return "\n".join(out) + "\n"
 
 
@@ -631,9 +746,9 @@ def _interval(low: Any, high: Any) -> str:
 
 
 def _identity_shares(df: pd.DataFrame, view: str) -> dict[tuple[str, str], float]:
-    """Per (run, layer): share of steps whose exact plan is the identity."""
+    """Per (run, layer): share of steps whose exact plan is the identity (sketches: none)."""
     rows = _rows_of(df, view)
-    rows = rows[rows["quantity"] == _vocab.IDENTITY_SHARE]
+    rows = rows[(rows["quantity"] == _vocab.IDENTITY_SHARE) & (rows["view"] != _SKETCH)]
     if rows.empty:
         return {}
     full = rows.assign(full=rows["value"] >= 1 - 1e-9)
@@ -670,6 +785,31 @@ def _looseness(r: pd.Series, name: str | None = None) -> str:
         text += f" ({top} {100 * terms[top] / total:.0f} %"
         text += f", {_U3_CAUSES[top]})" if top in _U3_CAUSES else ")"
     return text
+
+
+def _sketch_ics(r: pd.Series) -> str:
+    """A sketched layer's ICS cell: the JL estimate and its stated relative error."""
+    eps = r.get("sketch_eps")
+    error = f" ± {100 * float(eps):.0f} %" if eps is not None and not pd.isna(eps) else ""
+    return f"{_fmt(r['ics'])}{error} (exact_jl)"
+
+
+def _sketch_note(part: pd.DataFrame) -> list[str]:
+    """What the rows of sketched layers report, in words (nothing without them)."""
+    sketched = part[part["view"] == _SKETCH]
+    if sketched.empty:
+        return []
+    names = ", ".join(str(x) for x in sketched["layer"])
+    return [
+        f"Sketched layers ({names}; `ICSMonitor(sketch=k)`, docs/theory.md section 9): ICS is "
+        "`exact_jl`, the exact W1 of the k-dimensional sketch times sqrt(d'/k), an estimate "
+        "of the true W1 within a relative error of order sqrt(ln(2n)/k) (the ± shown). The "
+        "sketch's exact W1, L1..L3, sliced and max_sliced are lower bounds of the true W1 "
+        "(the sketch is a contraction) and count as lower bounds; its upper bounds (paired, "
+        "U1, U2) bound only the sketch's W1 and are not shown; the other estimators, the "
+        "interval and the coupling share are the sketch's and are not shown either. The "
+        "floor is rescaled like ICS.",
+    ]
 
 
 def _coupling_and_floor(
