@@ -247,6 +247,9 @@ def plot_ics(
     layer's own bound (U3 BatchNorm, U4 unitized, U5 Unitization) where measured and,
     on request, the sampling floor ``floor_<quantity>`` dashed (the resolution of
     population-level statements, not an error bar of ICS; see docs/theory.md).
+    Estimates at or below the storage resolution (``resolution`` rows,
+    ``below_resolution``) are not drawn as shift: they appear as hollow grey markers,
+    with the resolution dash-dotted, in the panels that have any.
 
     Parameters
     ----------
@@ -331,15 +334,18 @@ def plot_ics(
                         linewidth=0,
                         label="bounds: best lower to best upper",
                     )
+                below = part["below_resolution"].fillna(False).to_numpy(dtype=bool)
                 ax.plot(
                     steps,
-                    values,
+                    np.where(below, np.nan, values),  # unresolved steps are not a shift
                     color=style["color"],
                     linestyle="-",
                     marker=style["marker"],
                     markevery=max(1, len(steps) // 12),
                     label=f"ICS ({quantity} W1)",
                 )
+                if below.any():
+                    plotted += list(_draw_unresolved(ax, part, steps, below))
                 _draw_ci(ax, part, steps, style["color"])
                 if norm_bound and part["norm_bound"].notna().any():
                     name = part["norm_bound_name"].dropna().mode().iloc[0]
@@ -485,6 +491,28 @@ def _with_ci(band: pd.DataFrame, df: pd.DataFrame, quantity: str, view: str) -> 
     wide["step"] = wide["step"].astype("Int64")
     keys = ["run", "step", "layer"]
     return band.merge(wide[[*keys, "ci_low", "ci_high"]], on=keys, how="left")
+
+
+def _draw_unresolved(
+    ax: Axes, part: pd.DataFrame, steps: np.ndarray, below: np.ndarray
+) -> np.ndarray:
+    """Estimates at or below the storage resolution: hollow grey markers under its line.
+
+    Returns the resolution values drawn (for the y limits).
+    """
+    values = part["value"].to_numpy(dtype="float64")
+    res = part["resolution"].to_numpy(dtype="float64")
+    ax.plot(steps, res, color="0.45", linestyle="-.", linewidth=1.2, label="storage resolution")
+    ax.plot(
+        steps[below],
+        values[below],
+        linestyle="none",
+        marker="o",
+        markerfacecolor="none",
+        markeredgecolor="0.45",
+        label="below storage resolution (unresolved)",
+    )
+    return res
 
 
 def _draw_ci(ax: Axes, part: pd.DataFrame, steps: np.ndarray, color: Any) -> None:
