@@ -26,6 +26,7 @@ __all__ = [
     "NORM_BOUNDS",
     "PRECISIONS",
     "PRESETS",
+    "RESOLUTION",
     "SCALE",
     "THEORY_LOWER",
     "THEORY_UPPER",
@@ -83,6 +84,11 @@ NORM_BOUNDS: tuple[str, ...] = ("U3", "U3_tight", "U4", "U5")
 SCALE = "scale"
 #: Mass the optimal plan of the ``exact`` W1 keeps on the pairs (i, i) (kind ``stat``).
 IDENTITY_SHARE = "identity_share"
+#: Storage resolution of a (step, layer, view) (kind ``stat``): a bound on how far the
+#: rounding of the captured outputs (to the dtype the layer produced, the capture dtype
+#: and the analysis dtype) can move its W1; values at or below it are flagged
+#: ``below_resolution`` (:mod:`ics_toolkit._resolution`, docs/theory.md section 5.1).
+RESOLUTION = "resolution"
 
 #: Estimators the monitor gives a confidence interval (``<method>_ci_low`` /
 #: ``<method>_ci_high`` rows, kind ``interval``; :mod:`ics_toolkit.uncertainty`).
@@ -97,7 +103,7 @@ BOUND_TERMS: dict[str, tuple[str, ...]] = {
     "U5": ("U5_unit", "U5_bn", "U5_alpha", "U5_gamma", "U5_beta"),
 }
 
-#: Values of the results table's ``kind`` column: ``stat`` (scale, identity share),
+#: Values of the results table's ``kind`` column: ``stat`` (scale, identity share, resolution),
 #: ``relative`` (an estimate divided by the scale), ``interval`` (confidence limits),
 #: ``term`` (one term of a bound), ``rate`` (an estimate per unit of learning rate).
 KINDS: tuple[str, ...] = (
@@ -187,7 +193,7 @@ def quantity_kind(quantity: str) -> str:
     >>> [quantity_kind(q) for q in ("scale", "relative_exact", "exact_ci_low", "U3_core")]
     ['stat', 'relative', 'interval', 'term']
     """
-    if quantity in (SCALE, IDENTITY_SHARE):
+    if quantity in (SCALE, IDENTITY_SHARE, RESOLUTION):
         return "stat"
     if quantity.startswith("relative_"):
         return "relative"

@@ -134,12 +134,16 @@ class BoundCheck:
     violations: tuple[str, ...] = ()
 
 
-def _le(a: float, b: float, rtol: float, scale: float) -> bool:
-    return a <= b + rtol * max(abs(a), abs(b)) + ATOL * max(scale, 1.0)
+def _le(a: float, b: float, rtol: float, scale: float, slack: float = 0.0) -> bool:
+    return a <= b + slack + rtol * max(abs(a), abs(b)) + ATOL * max(scale, 1.0)
 
 
 def check_order(
-    values: Mapping[str, float], *, rtol: float = RTOL, scale: float = 1.0
+    values: Mapping[str, float],
+    *,
+    rtol: float = RTOL,
+    scale: float = 1.0,
+    resolution: float = 0.0,
 ) -> BoundCheck:
     """Check that every lower bound <= exact <= every upper bound.
 
@@ -154,6 +158,11 @@ def check_order(
     scale : float
         Largest absolute coordinate of the samples the values came from, see
         :data:`ATOL`.
+    resolution : float
+        Storage resolution of the samples (the ``resolution`` row): a comparison
+        between a value from the stored samples and one of :data:`~ics_toolkit._vocab.NORM_BOUNDS`
+        (computed from the normalization layer's states, not from the stored outputs)
+        passes when it fails by at most this much (docs/theory.md, section 5.1).
 
     Returns
     -------
@@ -179,8 +188,11 @@ def check_order(
         pairs += [(lk, lv, hk, hv) for lk, lv in lows for hk, hv in highs]
     if "sliced" in finite and "max_sliced" in finite:
         pairs.append(("sliced", finite["sliced"], "max_sliced", finite["max_sliced"]))
+    norm = set(_vocab.NORM_BOUNDS)
     bad = tuple(
-        f"{a} = {av:.6g} > {b} = {bv:.6g}" for a, av, b, bv in pairs if not _le(av, bv, rtol, scale)
+        f"{a} = {av:.6g} > {b} = {bv:.6g}"
+        for a, av, b, bv in pairs
+        if not _le(av, bv, rtol, scale, resolution * ((a in norm) != (b in norm)))
     )
     return BoundCheck(holds=not bad, violations=bad)
 

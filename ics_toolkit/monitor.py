@@ -158,7 +158,11 @@ class ICSMonitor:
     run : str, optional
         Label of this run in the ``run`` column (default: a random id).
     capture_dtype : torch.dtype
-        Storage dtype of captured activations (the analysis runs in ``precision``).
+        Storage dtype of captured activations (the analysis runs in ``precision``). Its
+        rounding, with that of the dtype the layer produced, sets each measured layer's
+        ``resolution`` row: W1 values at or below it are flagged ``below_resolution``
+        (about 0.4 % of the outputs' mean norm, per step side, in bfloat16; docs/theory.md
+        section 5.1).
     precision : {"float32", "float64"}
         Dtype of the analysis. ``"float32"`` (default) analyses float32 captures as
         stored, about twice as fast: every estimate, floor, bound and interval is within

@@ -259,6 +259,10 @@ def plot_ics(
     stated relative error ``sqrt(ln(2n) / k)`` instead of the interval, and no upper
     bound (those computed on the sketch do not bound the layer's W1).
 
+    Estimates at or below the storage resolution (``resolution`` rows,
+    ``below_resolution``) are not drawn as shift: they appear as hollow grey markers,
+    with the resolution dash-dotted, in the panels that have any.
+
     Parameters
     ----------
     df : pandas.DataFrame
@@ -343,15 +347,18 @@ def plot_ics(
                         linewidth=0,
                         label="bounds: best lower to best upper",
                     )
+                below = part["below_resolution"].fillna(False).to_numpy(dtype=bool)
                 ax.plot(
                     steps,
-                    values,
+                    np.where(below, np.nan, values),  # unresolved steps are not a shift
                     color=style["color"],
                     linestyle="-",
                     marker=style["marker"],
                     markevery=max(1, len(steps) // 12),
                     label=_ics_label(part, quantity),
                 )
+                if below.any():
+                    plotted += list(_draw_unresolved(ax, part, steps, below))
                 _draw_ci(ax, part, steps, style["color"])
                 plotted += _draw_sketch_error(ax, part, steps, values, style["color"])
                 only_low = np.isfinite(low) & ~np.isfinite(high)
@@ -542,6 +549,28 @@ def _draw_sketch_error(
         label="sketch: JL error",
     )
     return [*low[ok], *high[ok]]
+
+
+def _draw_unresolved(
+    ax: Axes, part: pd.DataFrame, steps: np.ndarray, below: np.ndarray
+) -> np.ndarray:
+    """Estimates at or below the storage resolution: hollow grey markers under its line.
+
+    Returns the resolution values drawn (for the y limits).
+    """
+    values = part["value"].to_numpy(dtype="float64")
+    res = part["resolution"].to_numpy(dtype="float64")
+    ax.plot(steps, res, color="0.45", linestyle="-.", linewidth=1.2, label="storage resolution")
+    ax.plot(
+        steps[below],
+        values[below],
+        linestyle="none",
+        marker="o",
+        markerfacecolor="none",
+        markeredgecolor="0.45",
+        label="below storage resolution (unresolved)",
+    )
+    return res
 
 
 def _draw_ci(ax: Axes, part: pd.DataFrame, steps: np.ndarray, color: Any) -> None:

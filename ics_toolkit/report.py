@@ -232,7 +232,9 @@ def bound_band(
         :data:`ics_toolkit.bounding.UPPER_BOUNDS` present: ``paired``, U1..U5; each
         >= the exact W1), ``norm_bound`` / ``norm_bound_name`` (the smallest of the
         normalization layer's own bounds :data:`NORM_BOUNDS` present), ``floor``
-        (``floor_<quantity>``, NaN if not measured) and
+        (``floor_<quantity>``, NaN if not measured), ``resolution`` (the storage
+        resolution, NaN if not measured) and ``below_resolution`` (the estimate is at
+        or below it: unresolved, not a measured shift; NA without a resolution),
         ``bounds_hold`` (NA if not recorded), ``sketch_eps`` (NaN but on sketched
         rows). The estimate itself is not counted as its own bound. Rows are in the
         table's run, step and layer order.
@@ -272,6 +274,8 @@ def bound_band(
                 "norm_bound",
                 "norm_bound_name",
                 "floor",
+                "resolution",
+                "below_resolution",
                 "bounds_hold",
                 "sketch_eps",
             ]
@@ -286,6 +290,7 @@ def bound_band(
     out["norm_bound"], out["norm_bound_name"] = _pick(wide, NORM_BOUNDS, "min")
     floor = f"floor_{quantity}"
     out["floor"] = wide[floor] if floor in wide.columns else np.nan
+    out["resolution"], out["below_resolution"] = _resolved(out["value"], wide)
     if "bounds_hold" in rows.columns:
         hold = rows.groupby(keys, sort=False, dropna=False)["bounds_hold"].agg(
             lambda s: bool(s.dropna().all()) if s.notna().any() else pd.NA
@@ -340,6 +345,16 @@ def _sketch_band(
         out.loc[at, "sketch_eps"] = eps
 
 
+def _resolved(value: pd.Series, wide: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """The storage resolution per row of ``wide`` and whether ``value`` is at or below it."""
+    if _vocab.RESOLUTION not in wide.columns:
+        nan = pd.Series(np.nan, index=wide.index, dtype="float64")
+        return nan, pd.Series(pd.NA, index=wide.index, dtype="boolean")
+    res = wide[_vocab.RESOLUTION].astype("float64")
+    below = (value.astype("float64") <= res).astype("boolean")
+    return res, below.where(res.notna() & value.notna(), pd.NA)
+
+
 def summary(df: pd.DataFrame, *, quantity: str | None = None) -> pd.DataFrame:
     """Condense a results table: one row per run (variant), layer and view.
 
@@ -370,6 +385,9 @@ def summary(df: pd.DataFrame, *, quantity: str | None = None) -> pd.DataFrame:
           present: U3_tight for BatchNorm; NaN for other layers);
         - ``floor``: mean sampling floor ``floor_<quantity>``; ``frac_above_floor``:
           share of steps whose ICS exceeds the floor;
+        - ``resolution``: mean storage resolution; ``frac_below_resolution``: share of
+          steps whose ICS is at or below it (unresolved: rounding of the stored outputs
+          alone could produce it; NaN without a resolution row);
         - ``bounds_hold_frac``: share of measured steps whose bounds held (every lower
           bound <= exact <= every upper bound); ``n_violations``: steps that failed;
         - ``mean_<q>``: the mean over steps of every other quantity measured (each
@@ -432,6 +450,10 @@ def summary(df: pd.DataFrame, *, quantity: str | None = None) -> pd.DataFrame:
             "norm_tightness": grouped["norm_ratio"].mean(),
             "floor": grouped["floor"].mean(),
             "frac_above_floor": grouped["above_floor"].agg(
+                lambda s: float(s.dropna().astype(bool).mean()) if s.notna().any() else math.nan
+            ),
+            "resolution": grouped["resolution"].mean(),
+            "frac_below_resolution": grouped["below_resolution"].agg(
                 lambda s: float(s.dropna().astype(bool).mean()) if s.notna().any() else math.nan
             ),
             "bounds_hold_frac": grouped["bounds_hold"].agg(
@@ -648,6 +670,10 @@ def summary_markdown(
         "for small steps.",
         "- *bounds hold*: share of steps where every lower bound <= exact <= every upper bound "
         "(tolerance `ics_toolkit.bounding.RTOL`).",
+        "- *unresolved*: an ICS at or below the storage resolution (`resolution`: how far "
+        "rounding the stored outputs to the layer's, the capture's and the analysis' dtype "
+        "can move W1) could be produced by that rounding alone; it is not shown as a "
+        "measured shift.",
         "",
         "## Overview",
         "",
@@ -661,8 +687,8 @@ def summary_markdown(
                 run or "(unnamed)",
                 _accuracy(accuracies, run),
                 len(part),
-                part[f"mean_{rel}"].mean() if has_rel else None,
-                part["ics"].mean(),
+                _overview_ics(part, f"mean_{rel}") if has_rel else None,
+                _overview_ics(part, "ics"),
                 part["norm_tightness"].mean(),
                 _pct(part["bounds_hold_frac"].mean()),
             ]
@@ -719,8 +745,8 @@ def summary_markdown(
                 [
                     r["layer"],
                     f"k = {_fmt(r.get('dim'))} (sketch)" if sketched else r.get("dim", None),
-                    r.get(f"mean_{rel}", None),
-                    _sketch_ics(r) if sketched else r["ics"],
+                    _unresolved(r, r.get(f"mean_{rel}", None)),
+                    _sketch_ics(r) if sketched else _unresolved(r, r["ics"]),
                     "–" if sketched else _interval(r.get(ci_low), r.get(ci_high)),
                     *[None if sketched else r[f"mean_{q}"] for q in estimators],
                     _named(r["best_lower"], r["best_lower_name"]),
@@ -737,6 +763,33 @@ def summary_markdown(
         out.append(markdown_table(headers, body))
         out += ["", *_sketch_note(part), *_coupling_and_floor(part, shares, run)]
     return "\n".join(out) + "\n"
+
+
+def _unresolved(r: pd.Series, value: Any) -> Any:
+    """An ICS cell: ``value``, or what the storage resolution leaves of it.
+
+    ``"unresolved (<= 0.12)"`` when every measured step was at or below the resolution,
+    the value with the share of such steps when some were, the value itself otherwise.
+    """
+    frac = r.get("frac_below_resolution")
+    if frac is None or pd.isna(frac) or not frac > 0 or value is None or pd.isna(value):
+        return value
+    if frac >= 1:
+        return f"unresolved (<= {_fmt(r['resolution'], 2)})"
+    return f"{_fmt(value)} ({_pct(frac)} of steps unresolved)"
+
+
+def _overview_ics(part: pd.DataFrame, column: str) -> Any:
+    """A variant's mean ICS over its layers, saying how many were unresolved at every step."""
+    value = part[column].mean()
+    if "frac_below_resolution" not in part or pd.isna(value):
+        return value
+    unresolved = int((part["frac_below_resolution"] >= 1).sum())
+    if not unresolved:
+        return value
+    if unresolved == len(part):
+        return "unresolved (below storage resolution)"
+    return f"{_fmt(value)} ({unresolved} of {len(part)} layers unresolved)"
 
 
 def _interval(low: Any, high: Any) -> str:
@@ -815,8 +868,22 @@ def _sketch_note(part: pd.DataFrame) -> list[str]:
 def _coupling_and_floor(
     part: pd.DataFrame, shares: Mapping[tuple[str, str], float], run: str
 ) -> list[str]:
-    """The coupling and the sampling floor of one variant, in words."""
+    """The coupling, the sampling floor and the storage resolution of one variant, in words."""
     lines = []
+    if "frac_below_resolution" in part and (part["frac_below_resolution"] > 0).any():
+        low = part[part["frac_below_resolution"] > 0]
+        lines.append(
+            "Below storage resolution: "
+            + ", ".join(
+                f"{layer} ({_pct(f)} of steps, resolution {_fmt(res, 3)})"
+                for layer, f, res in zip(
+                    low["layer"], low["frac_below_resolution"], low["resolution"], strict=True
+                )
+            )
+            + ". There the ICS is at or below what rounding the stored outputs can move W1 "
+            "(`resolution`, docs/theory.md section 5.1): unresolved, not a measured shift. A "
+            "wider `capture_dtype` resolves it where the layer itself computes in that width."
+        )
     values = [shares[(run, layer)] for layer in part["layer"] if (run, layer) in shares]
     if values:
         lo, hi = min(values), max(values)

@@ -53,6 +53,7 @@ COLUMNS: dict[str, str] = {
     "wall_time_s": "float64",  # seconds spent computing this value
     "bounds_hold": "boolean",  # lower bounds <= exact <= upper bounds for this row's group
     "violations": "object",  # the failed inequalities of the group, "; "-separated
+    "below_resolution": "boolean",  # value <= the group's storage resolution (distances)
     "warning": "object",
 }
 

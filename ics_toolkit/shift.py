@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ics_toolkit import _checks, _vocab, diagnostics
+from ics_toolkit import _checks, _resolution, _vocab, diagnostics
 from ics_toolkit._norm_snapshot import NormSnapshot, norm_pair, norm_snapshot
 from ics_toolkit.bound_terms import bound_terms
 from ics_toolkit.bounding import (
@@ -310,6 +310,7 @@ def _measure_step(
                         torch.linalg.vector_norm(xv, dim=1),
                         torch.linalg.vector_norm(yv, dim=1),
                     )
+                g["rounding"] = _roundings(x.dtype, info, xv.dtype, key in before.sketched)
                 if name == covering:
                     x_ok = bool(torch.isfinite(g["norms"][0].sum()))
                     y_ok = bool(torch.isfinite(g["norms"][1].sum()))
@@ -437,11 +438,42 @@ def _measure_groups(
             seconds = time.perf_counter() - start + g["stats_s"] / (1 + config.bounds)
             for q, v in drift.items():
                 g["rows"].append(_row("drift", q, v, wall_time_s=seconds / len(drift)))
+        g["rows"].append(_resolution_row(g, name, width))
         # scale, identity share, intervals and relative values (issue #13)
         g["rows"].extend(
             diagnostics.step_rows(x, y, g["rows"], g.get("logs", {}), config, g["norms"][0])
         )
         _check_group(step, key, name, g, config)
+
+
+def _roundings(
+    stored: torch.dtype, info: CaptureInfo, analysed: torch.dtype, sketched: bool
+) -> dict[str, Any]:
+    """The roundings between a layer's exact outputs and the analysed view (``_resolution``).
+
+    The layer rounds to the dtype it produced (``info.source_dtype``: bfloat16 under a
+    bfloat16 model or autocast), the recorder to the storage dtype, the view to the
+    analysis dtype. A sketch is computed from the layer's values in float32 (float64 for
+    float64 values) and rounded after: the layer's rounding happened before the projection.
+    """
+    if not sketched:
+        return {"dtypes": (info.source_dtype, stored, analysed), "sketch": None}
+    wide = torch.float64 if info.source_dtype == torch.float64 else torch.float32
+    return {"dtypes": (wide, stored, analysed), "sketch": (info.source_dtype,)}
+
+
+def _resolution_row(g: dict[str, Any], name: str, width: int | None) -> dict[str, Any]:
+    """The ``resolution`` row of one (layer, view): how far storage rounding moves its W1."""
+    start = time.perf_counter()
+    rounding = g["rounding"]
+    sketch = None
+    if rounding["sketch"] is not None and width is not None:
+        sketch = (rounding["sketch"], jl_scale(width, int(g["x"].shape[1])), width)
+    value = _resolution.resolution(
+        (g["x"], g["y"]), rounding["dtypes"], name, g["norms"], sketch=sketch
+    )
+    g["resolution"] = value
+    return _row("stat", _vocab.RESOLUTION, value, wall_time_s=time.perf_counter() - start)
 
 
 def _floor_row(
@@ -597,11 +629,14 @@ def _check_group(step: int, key: str, name: str, g: dict[str, Any], config: Meas
     values = {r["quantity"]: r["value"] for r in g["rows"] if r["kind"] != "floor"}
     pair = g.get("stored", (g["x"], g["y"]))
     scale = max(float(v.abs()) for t in pair for v in torch.aminmax(t))
-    check = check_order(values, rtol=config.check_rtol, scale=scale)
+    resolution = g.get("resolution", 0.0)
+    check = check_order(values, rtol=config.check_rtol, scale=scale, resolution=resolution)
     text = "; ".join(check.violations)
-    for row in g["rows"]:
+    flags = _below_resolution(g["rows"], resolution)
+    for row, flag in zip(g["rows"], flags, strict=True):
         row["bounds_hold"] = check.holds
         row["violations"] = text or None
+        row["below_resolution"] = flag
     if not check.holds:
         warnings.warn(
             f"step {step}, layer {key!r}, view {name!r}: a bound is violated: {text} "
@@ -609,3 +644,30 @@ def _check_group(step: int, key: str, name: str, g: dict[str, Any], config: Meas
             ICSWarning,
             stacklevel=4,
         )
+
+
+#: Kinds whose values are distances in the unit of the view (compared with the resolution).
+_DISTANCE_KINDS = frozenset({"estimate", "lower", "upper", "floor", "interval"})
+
+
+def _below_resolution(rows: Sequence[dict[str, Any]], resolution: float) -> list[bool | None]:
+    """Per row: whether its value is within the storage resolution (None: not a distance).
+
+    Distances (estimates, bounds, floors, interval limits) are compared with the
+    resolution; a ``relative_<q>`` row takes the flag of ``q``, and the sketch's rescaled
+    ``exact_jl`` that of the sketch's ``exact``. NaN values get None.
+    """
+    own: dict[str, bool | None] = {}
+    for row in rows:
+        value = row["value"]
+        if row["kind"] in _DISTANCE_KINDS and math.isfinite(value):
+            own[row["quantity"]] = bool(value <= resolution)
+    if "exact" in own and "exact_jl" in own:
+        own["exact_jl"] = own["exact"]
+    flags = []
+    for row in rows:
+        quantity = row["quantity"]
+        if row["kind"] == "relative":
+            quantity = quantity[len("relative_") :]
+        flags.append(own.get(quantity) if row["kind"] in (*_DISTANCE_KINDS, "relative") else None)
+    return flags

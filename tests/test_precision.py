@@ -64,6 +64,8 @@ def test_float32_analysis_is_within_the_documented_error_of_float64(norm):
             limit = _vocab.FLOAT32_ERROR_U3 * abs(b)
         elif row.quantity in U3_PARTS:
             limit = _vocab.FLOAT32_ERROR_U3 * u3[(row.step, row.layer, row.view)]
+        elif row.quantity == _vocab.RESOLUTION:  # a bound: it adds its norms' a priori error
+            limit = (_vocab.FLOAT32_ERROR + 2 * (row.dim_64 + 1) * 2.0**-24) * abs(b)
         else:
             limit = _vocab.FLOAT32_ERROR * abs(b)
         assert abs(a - b) <= limit + 1e-12, (row.quantity, row.layer, a, b)
@@ -71,6 +73,7 @@ def test_float32_analysis_is_within_the_documented_error_of_float64(norm):
     wanted = {"exact", "sliced", "max_sliced", "floor_exact", "L1", "L2", "L3", "U1", "U2"}
     wanted |= {"exact_ci_low", "drift_var", "scale"}
     wanted |= {"U3", "U3_tight", "U3_core", "U3_eps"} if norm == "batch" else {"U5"}
+    wanted |= {_vocab.RESOLUTION}
     assert wanted <= checked
     # the float32 rows say so, and every bound check holds in float32 too
     assert f32[f32.kind.isin(KINDS)].bounds_hold.all()
