@@ -84,7 +84,7 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
         "ics_toolkit.report",
         ["summary", "summary_markdown", "bound_band", "fit_slopes"],
     ),
-    ("Experiments", "ics_toolkit.experiments", ["run_main", "sweep_dim"]),
+    ("Experiments", "ics_toolkit.experiments", ["run_main", "sweep_dim", "sweep_summary"]),
     ("Sketches of wide layers", "ics_toolkit.sketch", ["Sketch", "SketchTransform"]),
     (
         "Memory plan",

@@ -30,11 +30,17 @@ from ics_toolkit.uncertainty import DEFAULT_LEVEL, t_interval
 __all__ = [
     "ACCURACY_MARGIN",
     "CLAIMS",
+    "NO_GROWTH_SLOPES",
+    "SQRT_D_SLOPES",
+    "SWEEP_CLAIMS",
     "Claim",
+    "SweepClaim",
     "add_per_lr",
     "claims_markdown",
     "evaluate_claims",
+    "evaluate_sweep_claims",
     "lr_phases",
+    "sweep_claims_markdown",
 ]
 
 #: "Trains at least as well": accuracy no more than this below BatchNorm's (1 point).
@@ -401,3 +407,200 @@ def lr_phases(table: pd.DataFrame, training: pd.DataFrame, run: str) -> dict[str
             float(sel[sel["lr"] == last]["value"].mean()),
         )
     return out
+
+
+# ---------------------------------------------------------------------- the dimension sweep
+#: Slopes of log(value) against log(d) read as "grows like sqrt(d)" (0.5 +- 0.25) and as
+#: "does not grow with d" (at most 0.25): 0.25 is half way between flat and sqrt(d).
+SQRT_D_SLOPES: tuple[float, float] = (0.25, 0.75)
+NO_GROWTH_SLOPES: tuple[float, float] = (-math.inf, 0.25)
+
+
+@dataclass(frozen=True)
+class SweepClaim:
+    """A claim about how a variant's quantity scales with the width d (``sweep-dim``).
+
+    ``quantities``: the sweep quantities that test it (each present one is judged);
+    ``slopes``: the range of slopes that supports it.
+    """
+
+    key: str
+    text: str
+    variant: str
+    quantities: tuple[str, ...]
+    slopes: tuple[float, float]
+
+    @property
+    def rule(self) -> str:
+        """The verdict's rule, in words."""
+        lo, hi = self.slopes
+        if lo == -math.inf:
+            return (
+                f"supported if the interval of the slope lies at or below {hi:g}, not "
+                "supported if it lies above"
+            )
+        return (
+            f"supported if the interval of the slope lies in [{lo:g}, {hi:g}], not supported "
+            "if it lies outside"
+        )
+
+
+#: The claims :func:`evaluate_sweep_claims` judges from the slopes of a dimension sweep.
+SWEEP_CLAIMS: tuple[SweepClaim, ...] = (
+    SweepClaim(
+        "sweep_bn_ics", "BatchNorm's ICS grows like sqrt(d)", "batch", ("exact",), SQRT_D_SLOPES
+    ),
+    SweepClaim(
+        "sweep_bn_bound",
+        "BatchNorm's bound grows like sqrt(d)",
+        "batch",
+        ("U3", "U3_tight"),
+        SQRT_D_SLOPES,
+    ),
+    SweepClaim(
+        "sweep_unit_bound",
+        "the bound of Unitization (alpha = 1) does not grow with d",
+        "unitization=1",
+        ("U4", "U5"),
+        NO_GROWTH_SLOPES,
+    ),
+    SweepClaim(
+        "sweep_unit_ics",
+        "the ICS of Unitization (alpha = 1) does not grow with d",
+        "unitization=1",
+        ("exact",),
+        NO_GROWTH_SLOPES,
+    ),
+)
+
+
+def _range_verdict(low: float, high: float, lo: float, hi: float) -> str:
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "inconclusive"
+    if lo <= low and high <= hi:
+        return "supported"
+    if high < lo or low > hi:
+        return "not supported"
+    return "inconclusive"
+
+
+def evaluate_sweep_claims(
+    slopes: pd.DataFrame, claims: Sequence[SweepClaim] = SWEEP_CLAIMS
+) -> pd.DataFrame:
+    """Verdicts of the dimension claims from the slopes of a sweep, per batch size.
+
+    Parameters
+    ----------
+    slopes : pandas.DataFrame
+        :func:`ics_toolkit.report.fit_slopes` of a sweep table (``variant``,
+        ``quantity``, ``slope``, ``low``, ``high``, ``n_seeds``; ``batch_size`` if any).
+    claims : sequence of SweepClaim
+        The claims judged (default :data:`SWEEP_CLAIMS`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per claim, quantity present and batch size: ``key``, ``claim``,
+        ``variant``, ``quantity``, ``batch_size``, ``slope``, ``low``, ``high``,
+        ``n_seeds``, ``verdict`` (``supported`` / ``not supported`` / ``inconclusive``:
+        the interval straddles an end of the range, or there is no interval) and
+        ``rule``. A claim none of whose quantities the sweep has gets one inconclusive
+        row.
+
+    Examples
+    --------
+    >>> slopes = pd.DataFrame({"variant": ["batch", "unitization=1"], "batch_size": 8,
+    ...                        "quantity": ["U3", "U4"], "slope": [0.5, 0.0],
+    ...                        "low": [0.45, -0.02], "high": [0.55, 0.03], "n_seeds": 3})
+    >>> evaluate_sweep_claims(slopes)["verdict"].tolist()
+    ['inconclusive', 'supported', 'supported', 'inconclusive']
+    """
+    slopes = slopes.copy()
+    if "batch_size" not in slopes.columns:
+        slopes["batch_size"] = math.nan
+    out = []
+    for claim in claims:
+        sel = slopes[
+            (slopes["variant"] == claim.variant) & slopes["quantity"].isin(claim.quantities)
+        ]
+        base = {"key": claim.key, "claim": claim.text, "variant": claim.variant}
+        if sel.empty:
+            out.append(
+                {
+                    **base,
+                    "quantity": claim.quantities[0],
+                    "batch_size": math.nan,
+                    "slope": math.nan,
+                    "low": math.nan,
+                    "high": math.nan,
+                    "n_seeds": 0,
+                    "verdict": "inconclusive",
+                    "rule": claim.rule,
+                }
+            )
+            continue
+        for r in sel.itertuples(index=False):
+            low, high = float(r.low), float(r.high)
+            out.append(
+                {
+                    **base,
+                    "quantity": r.quantity,
+                    "batch_size": r.batch_size,
+                    "slope": float(r.slope),
+                    "low": low,
+                    "high": high,
+                    "n_seeds": int(r.n_seeds),
+                    "verdict": _range_verdict(low, high, *claim.slopes),
+                    "rule": claim.rule,
+                }
+            )
+    return pd.DataFrame(out)
+
+
+def sweep_claims_markdown(verdicts: pd.DataFrame, level: float = DEFAULT_LEVEL) -> str:
+    """The claims table of ``sweep_summary.md`` from :func:`evaluate_sweep_claims`.
+
+    Per claim and quantity, the slope at each batch size with its interval and verdict,
+    then one line per claim and quantity: the verdict when every batch size agrees,
+    else each batch size's.
+    """
+    from ics_toolkit.report import markdown_table
+
+    def fmt(v: float) -> str:
+        return "–" if not math.isfinite(v) else f"{v + 0.0:.3f}"
+
+    def batch(b: Any) -> str:
+        return "–" if isinstance(b, float) and not math.isfinite(b) else str(b)
+
+    table = markdown_table(
+        ["claim", "quantity", "batch", "slope", f"{level:.0%} interval", "seeds", "verdict"],
+        align="llrrrrl",
+        rows=[
+            (
+                r.claim,
+                r.quantity,
+                batch(r.batch_size),
+                fmt(r.slope),
+                f"[{fmt(r.low)}, {fmt(r.high)}]",
+                r.n_seeds,
+                f"**{r.verdict}**",
+            )
+            for r in verdicts.itertuples(index=False)
+        ],
+    )
+    overall = []
+    for (claim, quantity), g in verdicts.groupby(["claim", "quantity"], sort=False):
+        found = list(dict.fromkeys(g["verdict"]))
+        if len(found) == 1:
+            said = f"**{found[0]}** at every batch size"
+        else:
+            said = ", ".join(
+                f"{v} at batch {batch(b)}"
+                for b, v in zip(g["batch_size"], g["verdict"], strict=True)
+            )
+        overall.append(f"- *{claim}* ({quantity}): {said}.")
+    by_rule: dict[str, list[str]] = {}
+    for text, rule in dict(zip(verdicts["claim"], verdicts["rule"], strict=True)).items():
+        by_rule.setdefault(rule, []).append(f"*{text}*")
+    rules = "; ".join(f"{', '.join(texts)}: {rule}" for rule, texts in by_rule.items())
+    return "\n".join([table, "", *overall, "", f"Rules: {rules}."])

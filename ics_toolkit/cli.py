@@ -3,7 +3,7 @@
 Commands::
 
     ics-toolkit run --out DIR [--overwrite] [--quick] [--model cnn|mlp|resnet20] ...
-    ics-toolkit sweep-dim --out DIR [--quick] [--dims 4,16,...] [--noises 0,0.1,...] ...
+    ics-toolkit sweep-dim --out DIR [--quick] [--dims 16,64,...] [--batch-sizes 8,32,...] ...
     ics-toolkit plot RESULTS [RESULTS ...] --out DIR [--formats png,svg] [--strict]
     ics-toolkit --version
 
@@ -201,28 +201,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = sub.add_parser(
         "sweep-dim",
-        help="BatchNorm versus unitization across widths d and noise levels",
-        description="For widths d and noise levels, measure the exact W1 of BatchNorm-"
-        "normalized and unitized outputs under a fixed update and evaluate the bounds "
-        "U3 / U4; writes sweep.csv, sweep_summary.md and bounds_vs_dim.png/svg.",
+        help="ICS and its bounds against the width d of trained normalized layers",
+        description="Train an MLP on the digits with one normalized hidden layer of width d "
+        "(BatchNorm, Unitization with alpha held at 0 and at 1) for every width, batch size "
+        "(the noise) and seed; measure the layer's ICS and bounds with ICSMonitor; write "
+        "sweep.csv, sweep_summary.md (log-log slopes against d with intervals over seeds, "
+        "and the verdicts computed from them) and bounds_vs_dim.png/svg.",
     )
     sweep.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-    sweep.add_argument("--quick", action="store_true", help="small, fast settings")
+    sweep.add_argument("--quick", action="store_true", help="small, fast settings (seconds)")
     sweep.add_argument(
         "--dims",
         type=_csv(int, "integers"),
-        default=[4, 16, 64, 256, 1024, 4096],
         metavar="LIST",
-        help="widths (default: 4,16,64,256,1024,4096)",
+        help="widths d (default: 16,64,256,1024,4096; quick 16,64)",
     )
     sweep.add_argument(
-        "--noises",
-        type=_csv(float, "numbers"),
+        "--batch-sizes",
+        type=_csv(int, "integers"),
         metavar="LIST",
-        help="noise levels (default: 0,0.1,0.3,1)",
+        help="training batch sizes, the noise (default: 8,32,128; quick 16,64)",
     )
-    sweep.add_argument("--n", type=_positive, metavar="N", help="probe inputs (512)")
-    sweep.add_argument("--step-size", type=float, default=0.1, help="update size (0.1)")
+    sweep.add_argument(
+        "--norms",
+        type=_csv(str, "normalization names"),
+        default=["batch", "unitization=0", "unitization=1"],
+        metavar="LIST",
+        help="variants; unitization=ALPHA holds alpha fixed (default: "
+        "batch,unitization=0,unitization=1)",
+    )
+    sweep.add_argument("--seeds", type=_positive, metavar="K", help="seeds (default 3; quick 2)")
+    sweep.add_argument("--steps", type=_positive, metavar="N", help="SGD steps per run (150)")
+    sweep.add_argument(
+        "--every", type=_every, metavar="K", help="measure every K steps (10), or log:END[:N]"
+    )
+    sweep.add_argument(
+        "--probe-size", type=_positive, metavar="N", help="probe inputs (128); exact W1 is O(N^3)"
+    )
+    sweep.add_argument("--lr", type=float, default=0.05, help="learning rate of every run (0.05)")
+    sweep.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
     sweep.add_argument("--seed", type=_seed, default=0, metavar="S")
     sweep.add_argument("--no-progress", action="store_true", help="print nothing while running")
 
@@ -308,15 +325,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from ics_toolkit.experiments import sweep_dim
+    from ics_toolkit.experiments import _device, parse_norms, sweep_dim
 
     out = _check_out(args.out)
+    parse_norms(args.norms, "--norms")
+    _device(args.device, "--device")
     result = sweep_dim(
         out,
         dims=args.dims,
-        noises=args.noises,
-        n=args.n,
-        step_size=args.step_size,
+        batch_sizes=args.batch_sizes,
+        norms=args.norms,
+        seeds=args.seeds,
+        steps=args.steps,
+        every=args.every,
+        probe_size=args.probe_size,
+        lr=args.lr,
+        device=args.device,
         seed=args.seed,
         quick=args.quick,
         progress=not args.no_progress,
@@ -421,7 +445,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         )
     for sweep in sweeps:
         table = _read_table(sweep)
-        need = ("variant", "dim", "noise", "quantity", "value")
+        need = ("variant", "dim", "quantity", "value")
         check_columns(table, [c for c in SWEEP_COLUMNS if c in need], f"RESULTS {str(sweep)!r}")
         files += draw_sweep(table, out, formats=formats)
     _print_files(files)

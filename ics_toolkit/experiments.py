@@ -6,9 +6,11 @@
   :class:`~ics_toolkit.ICSMonitor`, evaluate the theory's bounds, and write the
   results table, ``summary.md`` and the plots (``ics-toolkit run``).
 - :func:`sweep_dim`: the dimension and noise experiment of the theory (docs/theory.md
-  sections 3 and 8): BatchNorm-normalized versus unitized outputs of widths 4..4096
-  under a fixed update with rising noise; BatchNorm's W1 and bound U3 grow like
-  ``sqrt(d)``, the unitized bound U4 does not (``ics-toolkit sweep-dim``).
+  sections 3 and 8) on trained networks: an MLP whose one hidden layer of width
+  d = 16..4096 is normalized by BatchNorm or by Unitization (alpha held at 0 or 1),
+  trained at batch sizes 8..128 (the noise of the batch statistics) over several
+  seeds; the slopes of the measured ICS and of its bounds against d, with intervals
+  over seeds, and the verdicts computed from them (``ics-toolkit sweep-dim``).
 
 :func:`draw_results` and :func:`draw_sweep` (re-)draw every figure from saved tables
 (``ics-toolkit plot``). Everything is seeded through explicit generators; the global
@@ -20,9 +22,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +35,7 @@ import pandas as pd
 
 from ics_toolkit import _checks
 from ics_toolkit._io import atomic_write, stale_temporaries
-from ics_toolkit._vocab import DEFAULT_METHODS, quantity_kind, relative_name
+from ics_toolkit._vocab import DEFAULT_METHODS, NORM_BOUNDS, quantity_kind, relative_name
 from ics_toolkit.errors import ICSValueError
 
 if TYPE_CHECKING:
@@ -45,6 +48,7 @@ __all__ = [
     "DEFAULT_NORMS",
     "MODELS",
     "SWEEP_COLUMNS",
+    "SWEEP_VARIANTS",
     "ExperimentResult",
     "build_model",
     "draw_results",
@@ -52,7 +56,9 @@ __all__ = [
     "parse_methods",
     "parse_norms",
     "run_main",
+    "slope_quantities",
     "sweep_dim",
+    "sweep_summary",
 ]
 
 #: Normalization variants of the main experiment, in order: BatchNorm, the authors'
@@ -64,20 +70,23 @@ SWEEP_NORMS: tuple[str, ...] = ("batch", "unitization=1")
 #: Reference models :func:`run_main` can train.
 MODELS: tuple[str, ...] = ("cnn", "mlp", "resnet20")
 
-#: Columns of the dimension-sweep table (``sweep.csv``).
+#: Columns of the dimension-sweep table (``sweep.csv``): one row per run and quantity.
 SWEEP_COLUMNS: dict[str, str] = {
-    "variant": "'batch' (BatchNorm-normalized, train-mode statistics) or 'unitization' "
-    "(the same values divided by their norm: x_hat / sqrt(||x_hat||^2 + eps), k = 1)",
-    "dim": "width d of the layer",
-    "noise": "std of the noise added to the update, relative to each coordinate's scale",
-    "n_samples": "probe inputs n (rows of each sample)",
-    "seed": "seed of the generator that drew the activations, update and noise",
-    "quantity": "exact (W1), L1..L3 (lower bounds), U1, U2, U3 (BatchNorm), U3_tight "
-    "(BatchNorm, measured second moments), U4 (unitized), "
-    "rho (BatchNorm: mean <x_hat_i, y_hat_i> / d')",
-    "kind": "estimate | lower | upper | stat",
-    "value": "the number (W1 and bounds in the unit of the normalized outputs)",
-    "bounds_hold": "every lower bound <= exact <= every upper bound (ics_toolkit.bounding.RTOL)",
+    "variant": "the normalization of the hidden layer: 'batch' (BatchNorm1d), "
+    "'unitization=A' (Unitization1d with alpha held at A, not learned), 'unitization' "
+    "(alpha learned from 0), or another name of parse_norms",
+    "dim": "width d of the MLP's one normalized hidden layer",
+    "batch_size": "training batch size: the noise (smaller batches, noisier batch "
+    "statistics and steps)",
+    "seed": "seed of the run's initial weights, batch order and measurement",
+    "quantity": "a quantity the monitor measured on the normalized layer's output (flatten "
+    "view): exact (ICS), L1..L3, U1, U2, the normalization bounds (U3 and U3_tight BatchNorm, U4 / U5 "
+    "Unitization) and their terms, floor_exact, scale, relative_exact, identity_share; and "
+    "test_accuracy",
+    "kind": "estimate | lower | upper | floor | stat | relative | term",
+    "value": "mean over the run's measured steps (test_accuracy: after training)",
+    "n_steps": "measured steps averaged (0 for test_accuracy)",
+    "bounds_hold": "every lower bound <= exact <= every upper bound at every measured step",
 }
 
 _MAIN_DEFAULTS = {
@@ -112,7 +121,7 @@ class ExperimentResult:
     summary : str
         The markdown summary written (``summary.md`` / ``sweep_summary.md``).
     accuracies : dict of str to float
-        Final test accuracy per variant (NaN if training diverged; empty for the sweep).
+        Final test accuracy per run (NaN if training diverged).
     wall_time_s : float
         Seconds the experiment took.
     config : dict
@@ -130,16 +139,21 @@ class ExperimentResult:
 
 # ---------------------------------------------------------------------- options
 class _UnitizationNorm:
-    """``make_norm`` callable: Unitization with a given initial alpha (picklable)."""
+    """``make_norm`` callable: Unitization with a given initial alpha (picklable).
 
-    def __init__(self, alpha_init: float) -> None:
+    ``learn_alpha=False`` holds alpha at ``alpha_init`` (a buffer): the dimension sweep
+    compares layers of a fixed alpha.
+    """
+
+    def __init__(self, alpha_init: float, learn_alpha: bool = True) -> None:
         self.alpha_init = alpha_init
+        self.learn_alpha = learn_alpha
 
     def __call__(self, num_features: int, dims: int) -> nn.Module:
         from ics_toolkit.nn import Unitization1d, Unitization2d, Unitization3d
 
         cls = {1: Unitization1d, 2: Unitization2d, 3: Unitization3d}[dims]
-        return cls(num_features, alpha_init=self.alpha_init)
+        return cls(num_features, alpha_init=self.alpha_init, learn_alpha=self.learn_alpha)
 
 
 def _split(values: str | Sequence[str]) -> list[str]:
@@ -1060,256 +1074,547 @@ def draw_results(
 
 
 # ---------------------------------------------------------------------- the sweep
-_SWEEP_DEFAULTS = {"noises": ((0.0, 0.1, 0.3, 1.0), (0.0, 0.3)), "n": (512, 64)}
+#: Variants of the dimension sweep: BatchNorm, and Unitization with alpha held (not
+#: learned) at 0, where its forward is BatchNorm's and U5 bounds it, and at 1, where its
+#: outputs are unitized and U4 and U5 bound it.
+SWEEP_VARIANTS: tuple[str, ...] = ("batch", "unitization=0", "unitization=1")
 
 
-def _bn(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """Train-mode BatchNorm without affine map: per-coordinate batch mean, biased variance."""
-    mean = z.mean(dim=0, keepdim=True)
-    var = z.var(dim=0, unbiased=False, keepdim=True)
-    return (z - mean) / (var + eps).sqrt()
+_SWEEP_DEFAULTS: dict[str, tuple[Any, Any]] = {
+    # full sweep / quick
+    "dims": ((16, 64, 256, 1024, 4096), (16, 64)),
+    "batch_sizes": ((8, 32, 128), (16, 64)),
+    "seeds": (3, 2),
+    "steps": (150, 8),
+    "every": (10, 4),
+    "probe_size": (128, 32),
+}
+#: The MLP's features are Flatten, Linear, norm, ReLU: the norm's name.
+_SWEEP_LAYER = "features.2"
+_SWEEP_KINDS = ("estimate", "lower", "upper", "floor", "stat", "relative", "term")
+_SWEEP_PARTS = "sweep_parts"
+#: The sweep table's row of a run's final test accuracy (kind ``stat``, ``n_steps`` 0).
+_ACCURACY = "test_accuracy"
 
 
-def _sweep_samples(
-    d: int, noises: Sequence[float], n: int, step_size: float, seed: int
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Pre-normalization activations at step t, and at t+1 for each noise level (float64)."""
-    import torch
-
-    f64 = torch.float64
-    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(d))
-    # n probe inputs with per-coordinate means and scales
-    mu = torch.randn(d, generator=gen, dtype=f64)
-    sigma = 0.5 + 1.5 * torch.rand(d, generator=gen, dtype=f64)
-    z = mu + sigma * torch.randn(n, d, generator=gen, dtype=f64)
-    # the fixed update: each coordinate gains step_size times another (random sign), and
-    # every coordinate's scale and offset drift by about step_size (BatchNorm removes these)
-    perm = torch.randperm(d, generator=gen)
-    signs = torch.randint(0, 2, (d,), generator=gen).to(f64) * 2 - 1
-    scale = 1 + step_size * torch.randn(d, generator=gen, dtype=f64)
-    shift = step_size * sigma * torch.randn(d, generator=gen, dtype=f64)
-    moved = (z + step_size * signs * z[:, perm]) * scale + shift
-    afters = [
-        moved + float(noise) * sigma * torch.randn(n, d, generator=gen, dtype=f64)
-        for noise in noises
-    ]
-    return z, afters
+def _sweep_specs(norms: str | Sequence[str]) -> list[tuple[str, Any]]:
+    """The sweep's variants: ``unitization=A`` holds alpha at A instead of learning it."""
+    out = []
+    for name, spec in parse_norms(norms):
+        if isinstance(spec, _UnitizationNorm):
+            spec = _UnitizationNorm(spec.alpha_init, learn_alpha=False)
+        out.append((name, spec))
+    return out
 
 
-def _sweep_point(
-    d: int, noises: Sequence[float], n: int, step_size: float, seed: int, eps: float
+def _sweep_design(
+    names: Sequence[str], dims: Sequence[int], batch_sizes: Sequence[int], seeds: Sequence[int]
 ) -> list[dict[str, Any]]:
-    """Rows of the sweep table for one width d (every noise level shares the activations)."""
-    from ics_toolkit.bounding import NormState, bounds, check_order
-    from ics_toolkit.distances import wasserstein
-    from ics_toolkit.nn.functional import unitization
+    """Every (width, batch size, seed, variant), narrow widths first (cheap runs first)."""
+    return [
+        {"run": f"{v}-d{d}-b{b}-s{s}", "variant": v, "dim": d, "batch_size": b, "seed": s}
+        for d in dims
+        for b in batch_sizes
+        for s in seeds
+        for v in names
+    ]
 
-    z, afters = _sweep_samples(d, noises, n, step_size, seed)
-    x_hat = _bn(z, eps)
-    u = unitization(z, alpha=1.0, training=True, eps=eps, norm="l2")
-    rows: list[dict[str, Any]] = []
-    for noise, after in zip(noises, afters, strict=True):
-        y_hat = _bn(after, eps)
-        v = unitization(after, alpha=1.0, training=True, eps=eps, norm="l2")
-        for variant, x, y, states in (
-            (
-                "batch",
-                x_hat,
-                y_hat,
-                (
-                    NormState(x_hat=x_hat, form="batchnorm", eps=eps),
-                    NormState(x_hat=y_hat, form="batchnorm", eps=eps),
-                ),
-            ),
-            (
-                "unitization",
-                u,
-                v,
-                (
-                    NormState(x_hat=x_hat, alpha=1.0, k=1.0, eps=eps, form="unitization"),
-                    NormState(x_hat=y_hat, alpha=1.0, k=1.0, eps=eps, form="unitization"),
-                ),
-            ),
-        ):
-            values = {"exact": float(wasserstein(x, y, "exact"))}
-            values.update(
-                bounds(x, y, before=states[0], after=states[1], n_projections=64, seed=seed)
-            )
-            scale_ = float(max(x.abs().max(), y.abs().max()))
-            holds = check_order(values, scale=scale_).holds
-            if variant == "batch":
-                d_eff = max(float(d), float((x * x).sum(1).mean()), float((y * y).sum(1).mean()))
-                values["rho"] = float((x * y).sum(1).mean()) / d_eff
-            for quantity, value in values.items():
-                kind = "stat" if quantity == "rho" else quantity_kind(quantity)
-                rows.append(
-                    {
-                        "variant": variant,
-                        "dim": d,
-                        "noise": float(noise),
-                        "n_samples": n,
-                        "seed": seed,
-                        "quantity": quantity,
-                        "kind": kind,
-                        "value": value,
-                        "bounds_hold": holds,
-                    }
-                )
+
+def _positive_ints(values: Sequence[Any], argument: str) -> list[int]:
+    out = [_positive_int(v, f"{argument} entries") for v in values]
+    if not out:
+        raise ICSValueError(f"{argument} is empty; pass at least one value")
+    if len(set(out)) != len(out):
+        raise ICSValueError(f"{argument} lists a value more than once: {out}")
+    return out
+
+
+def _sweep_rows(frame: pd.DataFrame, run: Mapping[str, Any], accuracy: float) -> list[dict]:
+    """A run's rows of the sweep table: each quantity's mean over the measured steps."""
+    at = frame[
+        (frame["layer"] == _SWEEP_LAYER)
+        & (frame["view"] == "flatten")
+        & frame["kind"].isin(_SWEEP_KINDS)
+    ]
+    holds = bool(at["bounds_hold"].fillna(True).astype(bool).all())
+    keys = {k: run[k] for k in ("variant", "dim", "batch_size", "seed")}
+    grouped = at.groupby("quantity", sort=False)
+    rows = [
+        {
+            **keys,
+            "quantity": q,
+            "kind": str(g["kind"].iloc[0]),
+            "value": float(g["value"].astype("float64").mean()),
+            "n_steps": int(g["step"].nunique()),
+            "bounds_hold": holds,
+        }
+        for q, g in grouped
+    ]
+    rows.append(
+        {
+            **keys,
+            "quantity": _ACCURACY,
+            "kind": "stat",
+            "value": accuracy,
+            "n_steps": 0,
+            "bounds_hold": holds,
+        }
+    )
     return rows
+
+
+def _sweep_run(
+    run: Mapping[str, Any], spec: Any, data: Dataset, probe: torch.Tensor, opts: Mapping[str, Any]
+) -> tuple[pd.DataFrame, float]:
+    """Train one MLP (hidden width ``run["dim"]``) under the monitor: its table, its accuracy."""
+    from ics_toolkit.models import MLP
+    from ics_toolkit.monitor import ICSMonitor
+    from ics_toolkit.train import train
+
+    seed = int(run["seed"])
+    net = MLP(data.in_features, data.num_classes, hidden=(int(run["dim"]),), norm=spec, seed=seed)
+    net = net.to(opts["device"])
+    monitor = ICSMonitor(
+        net,
+        probe,
+        layers=[_SWEEP_LAYER],
+        every=opts["every"],
+        methods=("exact",),
+        moments=False,
+        n_projections=opts["n_projections"],
+        seed=seed,
+        path=opts["parts"],
+        run=str(run["run"]),
+        precision="float64",
+    )
+    try:
+        result = train(
+            net,
+            data,
+            steps=opts["steps"],
+            batch_size=int(run["batch_size"]),
+            lr=opts["lr"],
+            seed=seed,
+            milestones=(),  # a constant step size: the widths and variants share it
+            device=opts["device"],
+            on_optimizer=monitor.attach,
+            progress=False,
+        )
+    finally:
+        if monitor.attached:
+            monitor.detach()
+    acc = result.test_accuracy
+    return monitor.results(), math.nan if acc is None else float(acc)
+
+
+def slope_quantities(sweep_df: pd.DataFrame) -> list[str]:
+    """The quantities of a sweep table whose slopes against d are reported, in order.
+
+    The ICS (``exact``), its scale-free form (``relative_exact``) and every
+    normalization bound present: U3, U4, U5 and their variants (``U3_tight``, ...),
+    not U1 / U2, which follow the measured displacement.
+
+    Examples
+    --------
+    >>> slope_quantities(pd.DataFrame({"quantity": ["U1", "U5", "exact", "U3_tight", "U3"]}))
+    ['exact', 'U3', 'U3_tight', 'U5']
+    """
+    present = set(sweep_df["quantity"].astype(str))
+    # U3..U9 and their named forms (U3_tight), not the terms (U3_core, U5_alpha, ...)
+    bounds = sorted(
+        q for q in present if re.fullmatch(r"U[3-9](_[a-z]+)?", q) and quantity_kind(q) != "term"
+    )
+    return [q for q in ("exact", "relative_exact") if q in present] + bounds
+
+
+def sweep_summary(sweep_df: pd.DataFrame, *, notes: Sequence[str] = (), level: float = 0.95) -> str:
+    """``sweep_summary.md``: slopes against d with intervals over seeds, verdicts, values.
+
+    Parameters
+    ----------
+    sweep_df : pandas.DataFrame
+        The table of :func:`sweep_dim` (columns :data:`SWEEP_COLUMNS`).
+    notes : sequence of str
+        Paragraphs under the title (the settings).
+    level : float
+        Level of the intervals over seeds.
+
+    Returns
+    -------
+    str
+        Markdown: the slopes of :func:`slope_quantities` (:func:`~ics_toolkit.report.
+        fit_slopes`), the verdicts of :data:`ics_toolkit.claims.SWEEP_CLAIMS` computed
+        from them, and the mean ICS, bound and test accuracy per variant and width.
+    """
+    from ics_toolkit.claims import evaluate_sweep_claims, sweep_claims_markdown
+    from ics_toolkit.report import fit_slopes, markdown_table
+
+    quantities = slope_quantities(sweep_df)
+    slopes = fit_slopes(sweep_df[sweep_df["quantity"].isin(quantities)], level=level)
+    order = {q: i for i, q in enumerate(quantities)}
+    slopes = slopes.sort_values(
+        ["variant", "quantity", "batch_size"],
+        key=lambda c: c.map(order) if c.name == "quantity" else c,
+        kind="stable",
+    )
+    pct = f"{100 * level:g} %"
+    lines = ["# ICS and its bounds versus width d (trained networks)", "", *notes]
+    lines += [
+        "",
+        "## Slopes against d",
+        "",
+        "Per seed, the least-squares slope of log(value) against log(d) over the widths; "
+        f"the mean over seeds and its {pct} Student-t interval. 0.5 is growth like sqrt(d), "
+        "0 is flat in d. Values are means over each run's measured steps.",
+        "",
+        markdown_table(
+            ["variant", "batch", "quantity", "slope", f"{pct} interval", "per seed", "widths"],
+            align="lrlrrlr",
+            rows=[
+                (
+                    r.variant,
+                    r.batch_size,
+                    r.quantity,
+                    f"{r.slope + 0.0:.3f}",
+                    _interval(r.low, r.high),
+                    r.per_seed,
+                    r.n_dims,
+                )
+                for r in slopes.itertuples(index=False)
+            ],
+        ),
+        "",
+        "## Claims",
+        "",
+        sweep_claims_markdown(evaluate_sweep_claims(slopes)),
+        "",
+        "## Values",
+        "",
+        _sweep_values(sweep_df),
+        "",
+        f"Bounds held at every measured step in {_runs_held(sweep_df)} runs.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _interval(low: float, high: float) -> str:
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "–"
+    return f"[{low + 0.0:.3f}, {high + 0.0:.3f}]"
+
+
+def _runs_held(sweep_df: pd.DataFrame) -> str:
+    runs = sweep_df.groupby(["variant", "dim", "batch_size", "seed"])["bounds_hold"].all()
+    return f"{int(runs.sum())} of {len(runs)}"
+
+
+def _sweep_values(sweep_df: pd.DataFrame) -> str:
+    """Mean over seeds per variant and width: ICS and the variant's bound per batch size."""
+    from ics_toolkit.report import markdown_table, order_runs
+
+    means = sweep_df.groupby(["variant", "dim", "batch_size", "quantity"])["value"].mean()
+    batches = sorted(sweep_df["batch_size"].unique())
+    header = ["variant", "d", *[f"ICS b{b}" for b in batches], "bound"]
+    header += [f"bound b{b}" for b in batches] + [f"test acc b{batches[-1]}"]
+    rows = []
+    for variant in order_runs(sweep_df["variant"]):
+        present = set(sweep_df.loc[sweep_df["variant"] == variant, "quantity"])
+        bound = next((q for q in NORM_BOUNDS if q in present), None)
+        for d in sorted(sweep_df.loc[sweep_df["variant"] == variant, "dim"].unique()):
+
+            def cell(q: str | None, b: Any, d: Any = d, variant: str = variant) -> str:
+                v = means.get((variant, d, b, q), math.nan) if q else math.nan
+                return "–" if not math.isfinite(v) else f"{v:.4g}"
+
+            rows.append(
+                (
+                    variant,
+                    int(d),
+                    *[cell("exact", b) for b in batches],
+                    bound or "–",
+                    *[cell(bound, b) for b in batches],
+                    cell(_ACCURACY, batches[-1]),
+                )
+            )
+    return markdown_table(
+        header, rows, align="lr" + "r" * len(batches) + "l" + "r" * (len(batches) + 1)
+    )
+
+
+def _claim_sweep_out(out: Path) -> None:
+    """Refuse a folder of ``ics-toolkit run``; clear an earlier sweep's files (its own only)."""
+    from ics_toolkit.results import _PART
+
+    config = out / "config.json"
+    try:
+        main = json.loads(config.read_text()).get("experiment") == "main"
+    except (OSError, ValueError, AttributeError):
+        main = False
+    if main or (out / "parts").is_dir() or (out / "training.csv").is_file():
+        raise ICSValueError(
+            f"the output folder {str(out)!r} holds a run of `ics-toolkit run`, whose config.json "
+            "the sweep would replace; choose another folder"
+        )
+    if not out.is_dir():
+        return
+    owned = [
+        f for f in out.iterdir() if f.is_file() and _owned(f.name, _SWEEP_FILES, _SWEEP_FIGURES)
+    ]
+    owned += stale_temporaries(out, lambda n: _owned(n, _SWEEP_FILES, _SWEEP_FIGURES))
+    parts = out / _SWEEP_PARTS
+    if parts.is_dir():
+        owned += [f for f in parts.iterdir() if f.is_file() and _PART.match(f.name)]
+        owned += stale_temporaries(parts, lambda n: _PART.match(n) is not None)
+    for f in owned:
+        f.unlink(missing_ok=True)
 
 
 def sweep_dim(
     out_dir: str | os.PathLike[str],
     *,
-    dims: Sequence[int] = (4, 16, 64, 256, 1024, 4096),
-    noises: Sequence[float] | None = None,
-    n: int | None = None,
-    step_size: float = 0.1,
+    dims: Sequence[int] | None = None,
+    batch_sizes: Sequence[int] | None = None,
+    norms: str | Sequence[str] = SWEEP_VARIANTS,
+    seeds: int | Sequence[int] | None = None,
+    steps: int | None = None,
+    every: int | str | None = None,
+    probe_size: int | None = None,
+    lr: float = 0.05,
+    n_projections: int = 16,
+    dataset: str = "digits",
+    device: str = "cpu",
     seed: int = 0,
     quick: bool = False,
     progress: bool = True,
-    eps: float = 1e-5,
     formats: Sequence[str] = ("png", "svg"),
+    threads: int | None = 1,
 ) -> ExperimentResult:
-    """BatchNorm versus unitization across widths d and noise levels (theory sections 3, 8).
+    """ICS and its bounds against the width d of a trained normalized layer, per batch size.
 
-    For each width d, ``n`` probe inputs give pre-normalization activations
-    ``z_i = mu + sigma * g_i`` (random per-coordinate means and scales). A fixed
-    update moves them to ``z'_i = (z_i + step_size * s * z_i[perm]) * (1 + step_size
-    * a) + step_size * sigma * b`` (every coordinate gains a fraction of another one,
-    and drifts in scale and offset), plus noise ``noise * sigma * e_i`` with fresh
-    ``e_i ~ N(0, I)`` per level. Both steps are then
+    For every width d, training batch size, seed and variant of ``norms``, an MLP
+    (:class:`~ics_toolkit.models.MLP`: Linear without bias, the variant's normalization,
+    ReLU, then a Linear classifier) with one hidden layer of width d is trained on
+    ``dataset`` for ``steps`` SGD steps (Nesterov momentum 0.9, weight decay 5e-4, the
+    same constant learning rate ``lr`` for every run), from the seed's initial weights
+    and batch order. :class:`~ics_toolkit.ICSMonitor` measures the normalized layer's
+    output every ``every`` steps on a fixed probe of ``probe_size`` training inputs
+    (train mode, float64): the exact W1 between the outputs before and after the
+    update (the ICS), its sampling floor, L1..L3, U1, U2 and the layer's bounds (U3 for
+    BatchNorm, U5 for Unitization and U4 where alpha = 1) with their terms. Each run's
+    row per quantity is its mean over the measured steps.
 
-    - BatchNorm-normalized with train-mode statistics (``x_hat``; no affine map), and
-    - unitized: ``x_hat / sqrt(||x_hat||^2 + eps)`` (:func:`ics_toolkit.nn.functional.
-      unitization` with alpha = 1, ``norm="l2"``, so ``k = 1``),
-
-    and for each the exact W1 (:func:`ics_toolkit.wasserstein`) and the bounds
-    (:func:`ics_toolkit.bounds`: L1..L3, U1, U2, and U3 for BatchNorm / U4 for the
-    unitized outputs, from :class:`~ics_toolkit.bounding.NormState`) are computed.
-    Expected: BatchNorm's W1 and U3 grow like ``sqrt(d)``; U4 = 2 for every d, and the
-    unitized W1 stays below it.
+    The noise is the batch size's: a batch of 8 gives noisier batch statistics and
+    noisier steps than one of 128. ``sweep_summary.md`` fits, per seed, the slope of
+    log(value) against log(d) for the ICS and every normalization bound present
+    (:func:`slope_quantities`), reports the mean over seeds with its 95 % Student-t
+    interval, and the verdicts of :data:`ics_toolkit.claims.SWEEP_CLAIMS` computed from
+    those intervals, whatever they turn out to be.
 
     Parameters
     ----------
     out_dir : str or Path
-        Output folder (created): ``sweep.csv`` (the table, columns
-        :data:`SWEEP_COLUMNS`), ``sweep_summary.md`` (log-log slopes against d),
-        ``config.json`` and ``bounds_vs_dim.png`` / ``.svg``, each written atomically;
-        an earlier sweep's files are replaced, a folder of :func:`run_main` is refused.
-    dims : sequence of int
-        Widths d.
-    noises : sequence of float, optional
-        Noise levels, relative to each coordinate's scale (default 0, 0.1, 0.3, 1;
-        quick 0, 0.3).
-    n : int, optional
-        Probe inputs per distribution (default 512; quick 64). Exact W1 is O(n^3).
-    step_size : float
-        Size of the fixed update.
+        Output folder (created). Written as the sweep goes: ``config.json`` first
+        (``status`` ``running``, then ``complete``; ``finished`` lists the finished
+        runs), ``sweep_parts/`` (the monitor's per-step results, one part per
+        measured step, run label ``<variant>-d<d>-b<batch>-s<seed>``; read them with
+        :func:`ics_toolkit.load_results`) and ``sweep.csv`` (the table, columns
+        :data:`SWEEP_COLUMNS`, rewritten after every run). At the end:
+        ``sweep_summary.md`` and ``bounds_vs_dim.png`` / ``.svg``. Every file is
+        written atomically; an earlier sweep's files are replaced, a folder of
+        :func:`run_main` is refused.
+    dims : sequence of int, optional
+        Widths d (default 16, 64, 256, 1024, 4096; quick 16, 64).
+    batch_sizes : sequence of int, optional
+        Training batch sizes (default 8, 32, 128; quick 16, 64).
+    norms : str or sequence of str
+        Variants (:func:`parse_norms` names); ``unitization=A`` holds alpha at A (not
+        learned). Default :data:`SWEEP_VARIANTS`.
+    seeds : int or sequence of int, optional
+        How many seeds (``seed``, ``seed + 1``, ...; default 3, quick 2) or which.
+    steps : int, optional
+        SGD steps per run (default 150; quick 8).
+    every : int or str, optional
+        Measure every k steps (default 10; quick 4), or ``"log:END[:N]"``.
+    probe_size : int, optional
+        Probe inputs (default 128; quick 32); exact W1 is O(n^3) in it.
+    lr : float
+        The learning rate of every run (constant).
+    n_projections : int
+        Random directions of L3.
+    dataset : {"digits", "shapes", "blobs"}
+        Training data (flattened for the MLP); default the embedded 8x8 digits.
+    device : str
+        ``"cpu"`` or ``"cuda"``.
     seed : int
-        Seed (an integer in [0, 2**32)) of the activations, update and noise (a private
-        generator per d).
+        Base seed (an integer in [0, 2**32)): the data split, the probe and the first
+        run seed.
     quick : bool
-        Small defaults for a smoke test.
+        Small defaults for a smoke test (seconds).
     progress : bool
-        Print a line per width to stderr.
-    eps : float
-        The normalizations' eps.
+        Print a line per run to stderr.
     formats : sequence of str
-        Figure formats.
+        Figure formats; empty writes no figure.
+    threads : int or None
+        Torch's intra-op CPU threads during the sweep, restored after (None: leave
+        torch's setting). One by default: the tensors are small (a probe of 128 x d),
+        and on 2 cores shared with other work two threads made the runs 8x slower
+        (docs/benchmarks.md).
 
     Returns
     -------
     ExperimentResult
-        ``table`` is the sweep table; ``summary`` the slopes report.
+        ``table`` is the sweep table, ``summary`` the text of ``sweep_summary.md``,
+        ``accuracies`` the test accuracy per run.
 
     Examples
     --------
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     res = sweep_dim(tmp, dims=(4, 64), noises=(0.0,), n=16, progress=False,
-    ...                     formats=())
-    >>> u4 = res.table[res.table.quantity == "U4"].value
-    >>> [round(float(v), 4) for v in u4]
-    [2.0, 2.0]
+    ...     res = sweep_dim(tmp, dims=(16, 64), batch_sizes=(32,), seeds=1, steps=2,
+    ...                     every=1, probe_size=16, progress=False, formats=())
+    >>> sorted(res.table["dim"].unique().tolist()), sorted(res.table["variant"].unique())
+    ([16, 64], ['batch', 'unitization=0', 'unitization=1'])
+    >>> res.summary.splitlines()[0]
+    '# ICS and its bounds versus width d (trained networks)'
     """
-    from ics_toolkit.report import fit_slopes, markdown_table
+    import torch
+
+    import ics_toolkit
+    from ics_toolkit.schedules import as_schedule
 
     start = time.perf_counter()
     q = int(bool(quick))
-    dims = [_positive_int(d, "`dims` entries") for d in dims]
-    if not dims:
-        raise ICSValueError("`dims` is empty; pass widths such as (4, 16, 64)")
-    noises = list(noises if noises is not None else _SWEEP_DEFAULTS["noises"][q])
-    if not noises or any(not (math.isfinite(float(x)) and float(x) >= 0) for x in noises):
-        raise ICSValueError(f"`noises` must be non-negative numbers, got {noises!r}")
-    n = _positive_int(n if n is not None else _SWEEP_DEFAULTS["n"][q], "`n`")
-    if n < 4:
-        raise ICSValueError(f"`n` must be at least 4, got {n}")
-    if not (math.isfinite(step_size) and step_size > 0):
-        raise ICSValueError(f"`step_size` must be a positive number, got {step_size!r}")
+
+    def default(value: Any, key: str) -> Any:
+        return value if value is not None else _SWEEP_DEFAULTS[key][q]
+
+    dims = _positive_ints(default(dims, "dims"), "`dims`")
+    batch_sizes = _positive_ints(default(batch_sizes, "batch_sizes"), "`batch_sizes`")
+    variants = _sweep_specs(norms)
+    steps = _positive_int(default(steps, "steps"), "`steps`")
+    every = default(every, "every")
+    as_schedule(every)
+    probe_size = _positive_int(default(probe_size, "probe_size"), "`probe_size`")
+    if probe_size < 4:
+        raise ICSValueError(
+            f"`probe_size` must be at least 4 (the floor splits it), got {probe_size}"
+        )
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        raise ICSValueError(f"`lr` must be a positive number, got {lr!r}")
+    n_projections = _positive_int(n_projections, "`n_projections`")
+    if threads is not None:
+        threads = _positive_int(threads, "`threads`")
+    if dataset in ("cifar10", "cifar100"):
+        raise ICSValueError("the sweep trains on digits, shapes or blobs, not CIFAR")
+    dev = _device(device)
     seed = _seed(seed)
+    seed_list = _seed_list(default(seeds, "seeds"), seed)
     if formats:
         from ics_toolkit.plots import check_formats
 
         formats = check_formats(formats)
     out = _prepare_out(out_dir, create=False)
-    if (out / "parts").is_dir() or (out / "training.csv").is_file():
-        raise ICSValueError(
-            f"the output folder {str(out)!r} holds a run of `ics-toolkit run`, whose config.json "
-            "the sweep would replace; choose another folder"
-        )
-    for stale in stale_temporaries(out, lambda n: _owned(n, _SWEEP_FILES, _SWEEP_FIGURES)):
-        stale.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    _claim_sweep_out(out)
 
+    data = _load_data(dataset, None, seed)
+    if quick:
+        data = data.subset(*_QUICK_SUBSET)
+    gen = torch.Generator().manual_seed(int(seed))
+    n_train = int(data.x_train.shape[0])
+    probe = data.x_train[torch.randperm(n_train, generator=gen)[: min(probe_size, n_train)]]
+    probe = probe.to(dev)
+    specs = dict(variants)
+    design = _sweep_design([n for n, _ in variants], dims, batch_sizes, seed_list)
+    parts = out / _SWEEP_PARTS
+    parts.mkdir(parents=True, exist_ok=True)
+    config: dict[str, Any] = {
+        "experiment": "sweep-dim",
+        "status": "running",
+        "dataset": dataset,
+        "model": "mlp, one normalized hidden layer of width d",
+        "norms": list(specs),
+        "dims": dims,
+        "batch_sizes": batch_sizes,
+        "seeds": seed_list,
+        "steps": steps,
+        "every": every,
+        "probe_size": int(probe.shape[0]),
+        "lr": lr,
+        "n_projections": n_projections,
+        "device": str(dev),
+        "threads": threads,
+        "seed": seed,
+        "quick": bool(quick),
+        "finished": [],
+        "versions": {"ics_toolkit": ics_toolkit.__version__, "torch": torch.__version__},
+    }
+    config_file = _write_text(out / "config.json", json.dumps(config, indent=2))
+    opts = {
+        "every": every,
+        "steps": steps,
+        "lr": lr,
+        "n_projections": n_projections,
+        "device": dev,
+        "parts": parts,
+    }
+    _say(
+        progress,
+        f"ics-toolkit sweep-dim: {len(design)} runs ({len(specs)} variant(s) x widths {dims} "
+        f"x batch sizes {batch_sizes} x {len(seed_list)} seed(s)), {steps} steps each, ICS "
+        f"every {every} step(s) on a probe of {probe.shape[0]}",
+    )
     rows: list[dict[str, Any]] = []
-    for d in dims:
-        t0 = time.perf_counter()
-        rows += _sweep_point(d, noises, n, step_size, seed, eps)
-        _say(progress, f"sweep-dim: d = {d:>5}: {time.perf_counter() - t0:.1f} s")
-    table = pd.DataFrame.from_records(rows, columns=list(SWEEP_COLUMNS))
-    files = [_write_csv(out / "sweep.csv", table)]
-
-    slopes = fit_slopes(table[table["quantity"].isin(["exact", "U3", "U4"])])
-    lines = [
-        "# Bounds versus dimension",
-        "",
-        f"Widths {dims}, noise levels {noises}, n = {n} probe inputs, update size "
-        f"{step_size:g}, seed {seed}. Slope of log(value) against log(d): 0.5 is growth "
-        "like sqrt(d), 0 is flat.",
-        "",
-        markdown_table(
-            ["variant", "noise", "quantity", "slope", "widths"],
-            align="lrlrr",
-            rows=[
-                (r.variant, r.noise, r.quantity, f"{r.slope + 0.0:.3f}", r.n_dims)
-                for r in slopes.itertuples(index=False)
-            ],
-        ),
-        "",
-        f"Bounds held in {int(table['bounds_hold'].sum())} of {len(table)} rows.",
+    accuracies: dict[str, float] = {}
+    table = pd.DataFrame(columns=list(SWEEP_COLUMNS))
+    was_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        for i, run in enumerate(design, 1):
+            t0 = time.perf_counter()
+            frame, acc = _sweep_run(run, specs[run["variant"]], data, probe, opts)
+            run_rows = _sweep_rows(frame, run, acc)
+            rows += run_rows
+            accuracies[run["run"]] = acc
+            table = pd.DataFrame.from_records(rows, columns=list(SWEEP_COLUMNS))
+            _write_csv(out / "sweep.csv", table)
+            config["finished"].append(run["run"])
+            _write_text(config_file, json.dumps(config, indent=2))
+            ics = next((r["value"] for r in run_rows if r["quantity"] == "exact"), math.nan)
+            _say(
+                progress,
+                f"[{i}/{len(design)}] {run['run']}: {time.perf_counter() - t0:.1f} s, "
+                f"mean ICS {ics:.4g}, test accuracy {acc:.1%}",
+            )
+    except BaseException as err:
+        config["status"] = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        _write_text(config_file, json.dumps(config, indent=2))
+        raise
+    finally:
+        torch.set_num_threads(was_threads)
+    files = [out / "sweep.csv"]
+    notes = [
+        f"An MLP on `{dataset}` with one hidden layer of width d ({', '.join(map(str, dims))}) "
+        f"normalized by each variant ({', '.join(specs)}; `unitization=A` holds alpha at A), "
+        f"trained {steps} SGD steps at the same constant learning rate {lr:g} (Nesterov "
+        f"momentum 0.9, weight decay 5e-4) with batch sizes {', '.join(map(str, batch_sizes))} "
+        "(the noise: smaller batches, noisier batch statistics and steps) and seeds "
+        f"{', '.join(map(str, seed_list))}. ICSMonitor measured the normalized layer's output "
+        f"every {every} step(s) on a fixed probe of {int(probe.shape[0])} training inputs "
+        "(train mode, float64)" + (" (quick run)." if quick else "."),
     ]
-    text = "\n".join(lines) + "\n"
+    text = sweep_summary(table, notes=notes)
     files.append(_write_text(out / "sweep_summary.md", text))
     files += draw_sweep(table, out, formats=formats)
-    config = {
-        "experiment": "sweep-dim",
-        "dims": dims,
-        "noises": [float(x) for x in noises],
-        "n": n,
-        "step_size": step_size,
-        "seed": seed,
-        "eps": eps,
-        "quick": bool(quick),
-        "wall_time_s": time.perf_counter() - start,
-    }
-    files.append(_write_text(out / "config.json", json.dumps(config, indent=2)))
+    config["status"] = "complete"
+    config["wall_time_s"] = time.perf_counter() - start
+    files.append(_write_text(config_file, json.dumps(config, indent=2)))
     return ExperimentResult(
         out_dir=out,
         table=table,
         files=files,
         summary=text,
+        accuracies=accuracies,
         wall_time_s=config["wall_time_s"],
         config=config,
     )

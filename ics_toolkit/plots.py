@@ -764,36 +764,44 @@ def plot_heatmap(
     return fig
 
 
-def _sweep_bound(variant_rows: pd.DataFrame) -> str | None:
+def _sweep_bounds(variant_rows: pd.DataFrame) -> list[str]:
+    """A variant's bounds drawn: its first normalization bound (U1 if none), tight forms."""
     present = set(variant_rows["quantity"].astype(str))
-    for q in (*NORM_BOUNDS, "U1"):
-        if q in present:
-            return q
-    return None
+    first = [next((q for q in (*NORM_BOUNDS, "U1") if q in present), None)]
+    tight = sorted(q for q in present if q.endswith("_tight"))
+    return [q for q in first if q is not None] + [q for q in tight if q not in first]
+
+
+def _seed_band(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per width: the mean over seeds of each seed's mean value, and the seeds' range."""
+    per_seed = rows.groupby(["dim", "seed"])["value"].mean()
+    return per_seed.groupby("dim").agg(["mean", "min", "max"])
 
 
 def plot_bounds_vs_dim(
     sweep_df: pd.DataFrame,
     *,
-    noises: Sequence[float] | None = None,
+    batch_sizes: Sequence[int] | None = None,
     measured: str = "exact",
     axes: Any = None,
 ) -> Figure:
-    """Measured W1 and the normalization bound against the width d, log-log.
+    """Measured ICS and the normalization bounds against the width d, log-log.
 
-    One panel per variant (BatchNorm-normalized, unitized, ...), sharing the y axis:
-    per noise level, the measured W1 (solid) and the variant's bound (dashed: U3 for
-    BatchNorm, U4 for unitized outputs), with a dotted ``c * sqrt(d)`` reference line
-    fitted to the BatchNorm bound. The theory: BatchNorm's W1 and U3 grow like
-    ``sqrt(d)``; U4 = ``2 |alpha| k`` does not depend on d.
+    One panel per variant (BatchNorm, Unitization at alpha 0 and 1, ...), sharing the y
+    axis: per training batch size (colour), the measured W1 (solid) and the variant's
+    bound (dashed: U3 for BatchNorm, U4 for Unitization with alpha = 1, else U5;
+    tight forms such as ``U3_tight`` dash-dotted), each the mean over seeds with the
+    seeds' range shaded, and a dotted ``c * sqrt(d)`` reference line fitted to the
+    first variant's bound. Slopes with intervals: :func:`ics_toolkit.report.fit_slopes`.
 
     Parameters
     ----------
     sweep_df : pandas.DataFrame
         The table written by :func:`ics_toolkit.experiments.sweep_dim` (columns
-        ``variant``, ``dim``, ``quantity``, ``value``; ``noise`` if several levels).
-    noises : sequence of float, optional
-        Noise levels to draw (default: all).
+        ``variant``, ``dim``, ``quantity``, ``value``; ``batch_size`` and ``seed`` if
+        several).
+    batch_sizes : sequence of int, optional
+        Batch sizes to draw (default: all).
     measured : str
         The quantity drawn as the measured W1.
     axes : Axes or array of Axes, optional
@@ -802,39 +810,42 @@ def plot_bounds_vs_dim(
     Returns
     -------
     matplotlib.figure.Figure
-        One axes per variant, each with two lines per noise level and the reference.
+        One axes per variant, a line per batch size and quantity, and the reference.
 
     Raises
     ------
     ICSValueError
-        A required column is missing or the table holds no ``measured`` values.
+        A required column is missing, the table holds no ``measured`` values, or a
+        batch size asked for is not in it.
     """
     check_columns(sweep_df, ("variant", "dim", "quantity", "value"), "sweep_df")
     df = sweep_df.copy()
-    if "noise" not in df.columns:
-        df["noise"] = 0.0
+    for column in ("batch_size", "seed"):
+        if column not in df.columns:
+            df[column] = 0
     df["variant"] = df["variant"].astype(str)
     df["quantity"] = df["quantity"].astype(str)
+    df["value"] = df["value"].astype("float64")
     if not (df["quantity"] == measured).any():
         raise ICSValueError(
             f"`sweep_df` has no {measured!r} rows; quantities present: "
             f"{sorted(set(df['quantity']))}"
         )
-    levels = sorted(set(df["noise"].astype(float)))
-    if noises is not None:
-        wanted = [float(x) for x in noises]
-        missing = [x for x in wanted if x not in levels]
+    levels = sorted(set(df["batch_size"]))
+    if batch_sizes is not None:
+        missing = [b for b in batch_sizes if b not in levels]
         if missing:
-            raise ICSValueError(f"`noises` {missing} not in the table; levels: {levels}")
-        levels = wanted
+            raise ICSValueError(f"`batch_sizes` {missing} not in the table; present: {levels}")
+        levels = list(batch_sizes)
+    labelled = "batch_size" in sweep_df.columns
     variants = order_runs(df["variant"])
     # the sqrt(d) reference: c = median of bound / sqrt(d) of the first variant with a bound
     ref_c = None
     for v in variants:
         rows = df[df["variant"] == v]
-        q = _sweep_bound(rows)
-        if q is not None:
-            b = rows[(rows["quantity"] == q) & rows["noise"].isin(levels)]
+        names = _sweep_bounds(rows)
+        if names:
+            b = rows[(rows["quantity"] == names[0]) & rows["batch_size"].isin(levels)]
             b = b[b["value"] > 0]
             if len(b):
                 ref_c = float(np.median(b["value"] / np.sqrt(b["dim"].astype(float))))
@@ -846,24 +857,33 @@ def plot_bounds_vs_dim(
         )
         for ax, v in zip(axs, variants, strict=True):
             rows = df[df["variant"] == v]
-            q = _sweep_bound(rows)
+            names = _sweep_bounds(rows)
+            styles = [
+                (measured, "-"),
+                *((q, "--" if i == 0 else "-.") for i, q in enumerate(names)),
+            ]
             for i, level in enumerate(levels):
                 st = series_style(i)
-                at = rows[rows["noise"].astype(float) == level]
-                for name, ls in ((measured, "-"), (q, "--")):
-                    if name is None:
-                        continue
-                    line = at[at["quantity"] == name].groupby("dim")["value"].mean()
+                at = rows[rows["batch_size"] == level]
+                for name, ls in styles:
+                    line = _seed_band(at[at["quantity"] == name])
                     if line.empty:
                         continue
+                    x = line.index.to_numpy(dtype="float64")
                     ax.plot(
-                        line.index.to_numpy(dtype="float64"),
-                        line.to_numpy(dtype="float64"),
+                        x,
+                        line["mean"].to_numpy(),
                         color=st["color"],
                         marker=st["marker"],
                         linestyle=ls,
-                        label=f"noise {level:g}" if ls == "-" else "_nolegend_",
+                        label=(f"batch {level}" if labelled else measured)
+                        if ls == "-"
+                        else "_nolegend_",
                     )
+                    if (line["max"] > line["min"]).any():
+                        ax.fill_between(
+                            x, line["min"], line["max"], color=st["color"], alpha=0.12, lw=0
+                        )
             if ref_c is not None and dims.size:
                 ax.plot(
                     dims,
@@ -879,12 +899,15 @@ def plot_bounds_vs_dim(
                 ticks = dims if dims.size <= 7 else dims[:: math.ceil(dims.size / 7)]
                 ax.set_xticks(ticks, [f"{int(t)}" for t in ticks])
                 ax.minorticks_off()
-            bound_text = f", {q} dashed" if q else ""
-            ax.set_title(f"{v}: W1 solid{bound_text}")
+            said = [f"{measured} solid", *(f"{q} {'dashed' if i == 0 else 'dash-dot'}"
+                                           for i, q in enumerate(names))]  # fmt: skip
+            ax.set_title(f"{v}: {', '.join(said)}")
             ax.set_xlabel("width d")
-        axs[0].set_ylabel("W1 and its bound")
+        axs[0].set_ylabel("W1 and its bounds")
         if created:
-            fig.suptitle("Bounds versus dimension: BatchNorm grows like √d, unitization does not")
+            fig.suptitle(
+                "ICS and its bounds versus width d (mean over seeds, band: the seeds' range)"
+            )
         _legend(fig, axs, created, ncols=min(len(levels) + 1, 5))
     return fig
 

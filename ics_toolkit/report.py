@@ -13,7 +13,7 @@ condensed in three steps:
   by hand: no ``tabulate`` dependency).
 
 :func:`fit_slopes` condenses the table of the dimension sweep (``sweep.csv``) into
-log-log slopes against the width ``d``.
+log-log slopes against the width ``d``, per seed, with an interval over seeds.
 
 Rows of sketched layers (view ``"sketch"``, ``ICSMonitor(sketch=k)``) are read as the
 flatten view of their layer: the ICS estimate is the rescaled ``exact_jl`` with its
@@ -926,45 +926,77 @@ def _named(value: Any, name: Any) -> str:
 
 
 # ---------------------------------------------------------------------- the sweep
-def fit_slopes(sweep_df: pd.DataFrame) -> pd.DataFrame:
-    """Least-squares slopes of log(value) against log(d) in a dimension-sweep table.
+def fit_slopes(sweep_df: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
+    """Log-log slopes of a dimension-sweep table against d, per seed, with an interval.
+
+    For every group (``variant``, the noise column ``batch_size`` or ``noise`` where
+    the table has one, ``quantity``) and every seed, the least-squares slope of
+    log(value) against log(d), fitted to the seed's mean value at each width (only
+    positive, finite values; at least two widths). The slope reported is the mean over
+    seeds, with the Student-t interval of the per-seed slopes
+    (:func:`ics_toolkit.uncertainty.t_interval`). A table without a ``seed`` column is
+    one seed: its slope has no interval.
 
     Parameters
     ----------
     sweep_df : pandas.DataFrame
         The table of :func:`ics_toolkit.experiments.sweep_dim` (columns ``variant``,
-        ``dim``, ``noise``, ``quantity``, ``value``).
+        ``dim``, ``quantity``, ``value``; ``batch_size`` / ``noise``, ``seed`` if any).
+    level : float
+        Level of the interval over seeds.
 
     Returns
     -------
     pandas.DataFrame
-        Columns ``variant``, ``noise``, ``quantity``, ``slope`` (0.5 means growth
-        like sqrt(d), 0 means flat in d), ``n_dims``; only positive values are fitted.
+        Columns ``variant``, the noise column(s), ``quantity``, ``slope`` (0.5 means
+        growth like sqrt(d), 0 flat in d), ``low``, ``high`` (NaN with fewer than two
+        seeds), ``n_seeds``, ``per_seed`` (``"seed: slope"`` joined by commas) and
+        ``n_dims`` (the most widths a seed's fit used).
 
     Examples
     --------
-    >>> d = [4, 16, 64]
-    >>> df = pd.DataFrame({"variant": "batch", "noise": 0.0, "quantity": "U3", "dim": d,
-    ...                    "value": [2.0 * x**0.5 for x in d]})
-    >>> round(float(fit_slopes(df)["slope"].iloc[0]), 6)
-    0.5
+    >>> d = [16, 64, 256]
+    >>> df = pd.DataFrame({"variant": "batch", "batch_size": 8, "quantity": "U3",
+    ...                    "seed": [0, 0, 0, 1, 1, 1], "dim": d + d,
+    ...                    "value": [2.0 * x**0.5 for x in d] + [3.0 * x**0.5 for x in d]})
+    >>> out = fit_slopes(df)
+    >>> round(float(out["slope"].iloc[0]), 6), int(out["n_seeds"].iloc[0])
+    (0.5, 2)
     """
+    from ics_toolkit.uncertainty import t_interval
+
     check_columns(sweep_df, ("variant", "dim", "quantity", "value"), "sweep_df")
+    levels = [c for c in ("batch_size", "noise") if c in sweep_df.columns]
+    keys = ["variant", *levels, "quantity"]
     df = sweep_df.copy()
-    if "noise" not in df.columns:
-        df["noise"] = 0.0
+    df["value"] = df["value"].astype("float64")
+    if "seed" not in df.columns:
+        df["seed"] = 0
     records = []
-    for (variant, noise, q), g in df.groupby(["variant", "noise", "quantity"], sort=False):
-        g = g[(g["value"] > 0) & np.isfinite(g["value"].astype("float64"))]
-        g = g.groupby("dim")["value"].mean()
-        if len(g) < 2:
+    for group, g in df.groupby(keys, sort=False):
+        per_seed: dict[Any, float] = {}
+        n_dims = 0
+        for s, rows in g.groupby("seed", sort=True):
+            rows = rows[(rows["value"] > 0) & np.isfinite(rows["value"])]
+            means = rows.groupby("dim")["value"].mean()
+            if len(means) < 2:
+                continue
+            x = np.log(means.index.to_numpy(dtype="float64"))
+            per_seed[s] = float(np.polyfit(x, np.log(means.to_numpy()), 1)[0])
+            n_dims = max(n_dims, len(means))
+        if not per_seed:
             continue
-        x = np.log(g.index.to_numpy(dtype="float64"))
-        y = np.log(g.to_numpy(dtype="float64"))
-        slope = float(np.polyfit(x, y, 1)[0])
+        mean, low, high = t_interval(per_seed.values(), level)
         records.append(
-            {"variant": variant, "noise": noise, "quantity": q, "slope": slope, "n_dims": len(g)}
+            {
+                **dict(zip(keys, group, strict=True)),
+                "slope": mean,
+                "low": low,
+                "high": high,
+                "n_seeds": len(per_seed),
+                "per_seed": ", ".join(f"{s}: {v:.3f}" for s, v in per_seed.items()),
+                "n_dims": n_dims,
+            }
         )
-    return pd.DataFrame.from_records(
-        records, columns=["variant", "noise", "quantity", "slope", "n_dims"]
-    )
+    columns = [*keys, "slope", "low", "high", "n_seeds", "per_seed", "n_dims"]
+    return pd.DataFrame.from_records(records, columns=columns)

@@ -176,3 +176,81 @@ def test_main_job_writes_claims_from_its_own_runs(tmp_path):
     assert {"U3_core", "U5_unit"} <= q
     with pytest.raises(ValueError, match=r"`sweep_norms` names \['unitization'\]"):
         run_main(tmp_path / "x", norms="batch", sweep_norms="unitization", **tiny)
+
+
+# ---------------------------------------------------------------------- the dimension sweep
+def _sweep_table(bn_slope, unit_slope, seeds=(0, 1, 2), dims=(16, 64, 256, 1024, 4096)):
+    """A sweep table whose slopes are known: per seed a jitter of +-0.02 around each slope."""
+    rows = []
+    for seed in seeds:
+        jitter = 0.02 * (seed - 1)
+        for b in (8, 128):
+            for d in dims:
+                for variant, quantity, slope in (
+                    ("batch", "exact", bn_slope),
+                    ("batch", "U3", bn_slope),
+                    ("unitization=1", "exact", unit_slope),
+                    ("unitization=1", "U4", unit_slope),
+                    ("unitization=1", "U1", 1.0),  # not a claim's quantity
+                ):
+                    rows.append({"variant": variant, "dim": d, "batch_size": b, "seed": seed,
+                                 "quantity": quantity, "kind": "upper",
+                                 "value": 0.3 * d ** (slope + jitter), "n_steps": 3,
+                                 "bounds_hold": True})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize(
+    ("bn_slope", "unit_slope", "bn_verdict", "unit_verdict"),
+    [
+        (0.5, 0.0, "supported", "supported"),  # the paper's picture
+        (0.0, 0.5, "not supported", "not supported"),  # the opposite
+        (0.25, 0.25, "inconclusive", "inconclusive"),  # intervals straddle the thresholds
+        (0.5, -0.6, "supported", "supported"),  # shrinking with d does not grow with d
+    ],
+)
+def test_sweep_verdicts_follow_the_slopes(bn_slope, unit_slope, bn_verdict, unit_verdict):
+    from ics_toolkit.experiments import sweep_summary
+    from ics_toolkit.report import fit_slopes
+
+    table = _sweep_table(bn_slope, unit_slope)
+    slopes = fit_slopes(table)
+    got = cl.evaluate_sweep_claims(slopes)
+    assert set(got["batch_size"]) == {8, 128}
+    by_key = got.groupby("key")["verdict"].agg(set)
+    assert by_key["sweep_bn_ics"] == by_key["sweep_bn_bound"] == {bn_verdict}
+    assert by_key["sweep_unit_ics"] == by_key["sweep_unit_bound"] == {unit_verdict}
+    bn = got[got.key == "sweep_bn_bound"]
+    assert bn["quantity"].tolist() == ["U3", "U3"] and bn["slope"].tolist() == pytest.approx(
+        [bn_slope] * 2
+    )
+    # the summary computes the same verdicts from the table
+    text = sweep_summary(table)
+    line = f"- *BatchNorm's bound grows like sqrt(d)* (U3): **{bn_verdict}** at every batch size."
+    assert line in text
+    assert "| unitization=1 | 8 | U1 |" not in text  # U1 follows the displacement: no slope
+
+
+def test_sweep_claims_without_their_quantities_are_inconclusive():
+    slopes = pd.DataFrame(
+        {"variant": ["batch"], "batch_size": [8], "quantity": ["exact"], "slope": [0.5],
+         "low": [0.4], "high": [0.6], "n_seeds": [3]}
+    )  # fmt: skip
+    got = cl.evaluate_sweep_claims(slopes).set_index("key")
+    assert got.loc["sweep_bn_ics", "verdict"] == "supported"
+    for key in ("sweep_bn_bound", "sweep_unit_bound", "sweep_unit_ics"):
+        assert got.loc[key, "verdict"] == "inconclusive" and got.loc[key, "n_seeds"] == 0
+    one_seed = slopes.assign(low=np.nan, high=np.nan)
+    assert cl.evaluate_sweep_claims(one_seed).set_index("key").loc["sweep_bn_ics", "verdict"] == (
+        "inconclusive"
+    )
+
+
+def test_sweep_claims_judge_every_form_of_the_bound_present():
+    slopes = pd.DataFrame(
+        {"variant": "batch", "batch_size": 8, "quantity": ["U3", "U3_tight"],
+         "slope": [0.5, 0.05], "low": [0.45, 0.0], "high": [0.55, 0.1], "n_seeds": 3}
+    )  # fmt: skip
+    got = cl.evaluate_sweep_claims(slopes)
+    bound = got[got.key == "sweep_bn_bound"].set_index("quantity")["verdict"]
+    assert bound.to_dict() == {"U3": "supported", "U3_tight": "not supported"}

@@ -1,6 +1,7 @@
 """The experiments as functions: option parsing, models, run_main and sweep_dim (small sizes)."""
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -183,90 +184,198 @@ def test_draw_results_without_formats_draws_nothing(tiny_run, tmp_path):
     assert not (tmp_path / "figs").exists()
 
 
+# ---------------------------------------------------------------------- the dimension sweep
+
+
 @pytest.fixture(scope="module")
-def small_sweep(tmp_path_factory):
+def quick_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
-    return sweep_dim(
-        out, dims=(4, 32, 256, 2048), noises=(0.0, 0.5), n=48, progress=False, formats=()
-    )
+    return sweep_dim(out, quick=True, progress=False, formats=())
 
 
-def _slope(rows):
-    rows = rows.sort_values("dim")
-    return float(np.polyfit(np.log(rows.dim), np.log(rows.value), 1)[0])
-
-
-def test_sweep_dim_shows_sqrt_d_for_batchnorm_and_flat_u4(small_sweep):
-    t = small_sweep.table
+def test_sweep_dim_trains_every_variant_width_batch_and_seed(quick_sweep):
+    t = quick_sweep.table
     assert list(t.columns) == list(SWEEP_COLUMNS)
+    runs = t.groupby(["variant", "dim", "batch_size", "seed"]).size()
+    assert len(runs) == 3 * 2 * 2 * 2  # variants x widths x batch sizes x seeds
+    assert sorted(t.variant.unique()) == ["batch", "unitization=0", "unitization=1"]
+    assert sorted(t.dim.unique()) == [16, 64] and sorted(t.batch_size.unique()) == [16, 64]
+    assert sorted(t.seed.unique()) == [0, 1]
     assert t.bounds_hold.all()
-    for noise in (0.0, 0.5):
-        at = t[t.noise == noise]
-        bn = at[at.variant == "batch"]
-        unit = at[at.variant == "unitization"]
-        # the theory: U3 = max|g| sqrt(2 d'(1 - rho)) with rho independent of d -> slope 1/2
-        assert _slope(bn[bn.quantity == "U3"]) == pytest.approx(0.5, abs=0.05)
-        assert _slope(bn[bn.quantity == "exact"]) == pytest.approx(0.5, abs=0.15)
-        # U4 = 2 |alpha| k = 2 for k = 1, alpha = 1, whatever d
-        assert np.allclose(unit[unit.quantity == "U4"].value, 2.0, rtol=1e-12)
-        exact_u = unit[unit.quantity == "exact"]
-        assert (exact_u.value <= 2.0).all()
-        assert abs(_slope(exact_u)) < 0.2
-    # more noise, more shift, for BatchNorm at every width (same activations, same update)
-    bn = t[(t.variant == "batch") & (t.quantity == "exact")].pivot(
-        index="dim", columns="noise", values="value"
-    )
-    assert (bn[0.5] > bn[0.0]).all()
+    measured = t[t.quantity != "test_accuracy"]
+    assert (measured.n_steps == 2).all()  # steps 0 and 4 of 8
+    # each variant carries its own bounds: U3 BatchNorm, U5 Unitization, U4 where alpha = 1
+    have = t.groupby("variant")["quantity"].agg(set)
+    assert {"exact", "U3", "floor_exact", "relative_exact"} <= have["batch"]
+    assert "U5" not in have["batch"]
+    assert "U5" in have["unitization=0"] and "U4" not in have["unitization=0"]
+    assert {"U4", "U5"} <= have["unitization=1"]
+    exact = measured[measured.quantity == "exact"]
+    assert (exact.value > 0).all()
+    # alpha held at 1 (a buffer, not a parameter): U4 = 2 max|gamma| k + changes >= 2 |alpha| k
+    u4 = t[t.quantity == "U4"]
+    assert (u4.value >= 2.0 - 1e-9).all()
+    acc = t[t.quantity == "test_accuracy"].value
+    assert ((acc > 0) & (acc <= 1)).all()
+    assert set(quick_sweep.accuracies) == {f"{v}-d{d}-b{b}-s{s}" for v, d, b, s in runs.index}
 
 
-def test_sweep_dim_matches_an_independent_computation():
-    """Recompute one width's W1 with numpy and scipy's assignment solver on the same samples."""
-    from scipy.optimize import linear_sum_assignment
-    from scipy.spatial.distance import cdist
+def test_sweep_dim_holds_alpha_fixed_in_its_unitization_variants():
+    from ics_toolkit.experiments import _sweep_specs
 
-    from ics_toolkit.experiments import _sweep_point, _sweep_samples
-
-    d, n, eps = 8, 24, 1e-5
-    rows = _sweep_point(d, [0.3], n, 0.1, 5, eps)
-    z, (after,) = _sweep_samples(d, [0.3], n, 0.1, 5)
-
-    def bn(v):
-        v = v.numpy()
-        return (v - v.mean(0)) / np.sqrt(v.var(0) + eps)
-
-    def unit(v):
-        h = bn(v)
-        return h / np.sqrt((h * h).sum(1, keepdims=True) + eps)
-
-    def w1(a, b):
-        cost = cdist(a, b)
-        r, c = linear_sum_assignment(cost)
-        return cost[r, c].mean()
-
-    got = {(r["variant"], r["quantity"]): r["value"] for r in rows}
-    assert got[("batch", "exact")] == pytest.approx(w1(bn(z), bn(after)), rel=1e-9)
-    assert got[("unitization", "exact")] == pytest.approx(w1(unit(z), unit(after)), rel=1e-9)
-    paired = np.linalg.norm(bn(z) - bn(after), axis=1).mean()
-    assert got[("batch", "U1")] == pytest.approx(paired, rel=1e-9)
-    assert got[("unitization", "U4")] == 2.0
+    specs = dict(_sweep_specs(["batch", "unitization=1", "unitization"]))
+    layer = specs["unitization=1"](8, 1)
+    assert not layer.learn_alpha and "alpha" not in dict(layer.named_parameters())
+    assert float(layer.alpha.min()) == float(layer.alpha.max()) == 1.0
+    assert specs["unitization"] == "unitization"  # the authors' layer, alpha learned from 0
+    assert specs["batch"] == "batch"
 
 
-def test_sweep_dim_is_seeded(small_sweep, tmp_path):
-    again = sweep_dim(
-        tmp_path, dims=(4, 32, 256, 2048), noises=(0.0, 0.5), n=48, progress=False, formats=()
-    )
-    pd.testing.assert_frame_equal(again.table, small_sweep.table)
-    other = sweep_dim(tmp_path, dims=(4,), noises=(0.0,), n=48, seed=1, progress=False, formats=())
-    first = small_sweep.table
-    a = first[(first.dim == 4) & (first.noise == 0.0) & (first.quantity == "exact")].value
-    b = other.table[other.table.quantity == "exact"].value
-    assert not np.allclose(a.to_numpy(), b.to_numpy())
+def test_sweep_table_is_the_mean_of_its_parts(quick_sweep):
+    """sweep.csv, re-derived independently from the monitor's per-step parts."""
+    out = quick_sweep.out_dir
+    parts = ics.load_results(out / "sweep_parts")
+    on_disk = pd.read_csv(out / "sweep.csv")
+    assert len(on_disk) == len(quick_sweep.table)
+    at = parts[(parts.layer == "features.2") & (parts.view == "flatten")]
+    for (variant, d, b, s), q in [
+        (("batch", 64, 16, 1), "U3"),
+        (("unitization=1", 16, 64, 0), "exact"),
+    ]:
+        steps = at[(at.run == f"{variant}-d{d}-b{b}-s{s}") & (at.quantity == q)]
+        assert len(steps) == 2
+        row = on_disk[
+            (on_disk.variant == variant) & (on_disk.dim == d) & (on_disk.batch_size == b)
+            & (on_disk.seed == s) & (on_disk.quantity == q)
+        ]  # fmt: skip
+        assert row.value.item() == pytest.approx(steps.value.mean(), rel=1e-12)
+    config = json.loads((out / "config.json").read_text())
+    assert config["status"] == "complete" and len(config["finished"]) == 24
+    assert config["experiment"] == "sweep-dim"
+
+
+def test_sweep_summary_reports_slopes_with_intervals_and_verdicts(quick_sweep):
+    text = quick_sweep.summary
+    assert (quick_sweep.out_dir / "sweep_summary.md").read_text() == text
+    table = text.split("## Slopes against d")[1].split("## Claims")[0]
+    rows = [ln for ln in table.splitlines() if ln.startswith("| batch |")]
+    assert {ln.split("|")[3].strip() for ln in rows} == {
+        "exact",
+        "relative_exact",
+        "U3",
+        "U3_tight",
+    }
+    for ln in rows:
+        low, high = (float(x) for x in ln.split("|")[5].strip(" []").split(","))
+        slope = float(ln.split("|")[4])
+        assert low <= slope <= high and low < high  # two seeds: a real interval
+    assert "BatchNorm's bound grows like sqrt(d)" in text
+    verdicts = re.findall(r"\*\*(supported|not supported|inconclusive)\*\*", text)
+    assert len(verdicts) >= 4 * 2  # four claims (U4 and U5 both) x two batch sizes
+
+
+def test_sweep_summary_fits_every_form_of_a_bound_present():
+    from ics_toolkit.experiments import slope_quantities, sweep_summary
+
+    rows = [
+        {"variant": "batch", "dim": d, "batch_size": 8, "seed": s, "quantity": q,
+         "kind": "upper", "value": d**k * (1 + 0.01 * s), "n_steps": 2, "bounds_hold": True}
+        for d in (16, 256)
+        for s in (0, 1)
+        for q, k in (("exact", 0.3), ("U3", 0.5), ("U3_tight", 0.2), ("U3_core", 0.5), ("U1", 0.3))
+    ]  # fmt: skip
+    table = pd.DataFrame(rows)
+    assert slope_quantities(table) == ["exact", "U3", "U3_tight"]
+    text = sweep_summary(table)
+    assert "| batch | 8 | U3_tight | 0.200 |" in text and "| batch | 8 | U3 | 0.500 |" in text
+    assert "U3_core" not in text.split("## Claims")[0] and "| U1 |" not in text
+    assert "*BatchNorm's bound grows like sqrt(d)* (U3_tight): **not supported** at every" in text
+
+
+def test_sweep_dim_is_seeded_and_replaces_an_earlier_sweep(tmp_path):
+    small = {"dims": (16, 32), "batch_sizes": (16,), "seeds": 1, "steps": 2, "every": 1,
+             "probe_size": 16, "progress": False, "formats": ()}  # fmt: skip
+    first = sweep_dim(tmp_path, **small)
+    n_parts = len(list((tmp_path / "sweep_parts").iterdir()))
+    again = sweep_dim(tmp_path, **small)
+    pd.testing.assert_frame_equal(again.table, first.table)
+    assert len(list((tmp_path / "sweep_parts").iterdir())) == n_parts  # old parts removed
+    other = sweep_dim(tmp_path / "other", **{**small, "seed": 1})
+    pick = (first.table.quantity == "exact") & (first.table.variant == "batch")
+    pick_o = (other.table.quantity == "exact") & (other.table.variant == "batch")
+    assert not np.allclose(first.table[pick].value, other.table[pick_o].value)
 
 
 def test_sweep_dim_rejects_bad_options(tmp_path):
     with pytest.raises(ICSValueError, match="`dims` entries must be a positive int"):
-        sweep_dim(tmp_path, dims=(4, 0), formats=(), progress=False)
-    with pytest.raises(ICSValueError, match="`noises` must be non-negative numbers"):
-        sweep_dim(tmp_path, noises=(-1.0,), formats=(), progress=False)
-    with pytest.raises(ICSValueError, match="`n` must be at least 4"):
-        sweep_dim(tmp_path, n=2, formats=(), progress=False)
+        sweep_dim(tmp_path, dims=(16, 0), formats=(), progress=False)
+    with pytest.raises(ICSValueError, match="`batch_sizes` is empty"):
+        sweep_dim(tmp_path, batch_sizes=(), formats=(), progress=False)
+    with pytest.raises(ICSValueError, match="`probe_size` must be at least 4"):
+        sweep_dim(tmp_path, probe_size=2, formats=(), progress=False)
+    with pytest.raises(ICSValueError, match="`lr` must be a positive number"):
+        sweep_dim(tmp_path, lr=float("nan"), formats=(), progress=False)
+    with pytest.raises(ICSValueError, match="unknown normalization 'bn'"):
+        sweep_dim(tmp_path, norms="batch,bn", formats=(), progress=False)
+    main_run = tmp_path / "main"
+    (main_run / "parts").mkdir(parents=True)
+    with pytest.raises(ICSValueError, match="holds a run of `ics-toolkit run`"):
+        sweep_dim(main_run, quick=True, formats=(), progress=False)
+    assert not list(tmp_path.glob("*.csv"))  # refused before anything was written
+
+
+# The synthetic pairs below are a check of the bound formulas on known inputs, not
+# evidence about normalization: every coordinate moves independently by about
+# `step`, so ||x_hat - y_hat|| grows like sqrt(d) by construction.
+def _bn(z, eps):
+    return (z - z.mean(0, keepdim=True)) / (z.var(0, unbiased=False, keepdim=True) + eps).sqrt()
+
+
+def _synthetic_pair(d, n, step, seed):
+    """Activations with per-coordinate means and scales, and the same after a random update."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + d)
+    f64 = torch.float64
+    sigma = 0.5 + 1.5 * torch.rand(d, generator=gen, dtype=f64)
+    z = torch.randn(d, generator=gen, dtype=f64) + sigma * torch.randn(
+        n, d, generator=gen, dtype=f64
+    )
+    perm = torch.randperm(d, generator=gen)
+    signs = torch.randint(0, 2, (d,), generator=gen).to(f64) * 2 - 1
+    after = (
+        z + step * signs * z[:, perm] + 0.3 * sigma * torch.randn(n, d, generator=gen, dtype=f64)
+    )
+    return z, after
+
+
+def test_bound_formulas_on_synthetic_pairs_against_an_independent_computation():
+    from scipy.optimize import linear_sum_assignment
+    from scipy.spatial.distance import cdist
+
+    from ics_toolkit.bounding import NormState
+    from ics_toolkit.nn.functional import unitization
+
+    eps, n = 1e-5, 24
+    u3 = {}
+    for d in (4, 64, 1024):
+        z, after = _synthetic_pair(d, n, 0.1, 5)
+        x, y = _bn(z, eps), _bn(after, eps)
+        u = unitization(z, alpha=1.0, training=True, eps=eps, norm="l2")
+        v = unitization(after, alpha=1.0, training=True, eps=eps, norm="l2")
+        bn = ics.bounds(x, y, before=NormState(x_hat=x, eps=eps), after=NormState(x_hat=y, eps=eps))
+        unit = NormState(x_hat=x, alpha=1.0, k=1.0, eps=eps, form="unitization")
+        un = ics.bounds(u, v, before=unit, after=NormState(x_hat=y, alpha=1.0, k=1.0, eps=eps,
+                                                          form="unitization"))  # fmt: skip
+        u3[d] = bn["U3"]
+        # U3 = max|g| sqrt(m2(X) + m2(Y) - 2c) with d' = max(d, m2): here sqrt(2 d' (1 - rho))
+        xn, yn = x.numpy(), y.numpy()
+        d_eff = max(d, (xn**2).sum(1).mean(), (yn**2).sum(1).mean())
+        rho = (xn * yn).sum(1).mean() / d_eff
+        assert bn["U3"] == pytest.approx(np.sqrt(2 * d_eff * (1 - rho)), rel=1e-9)
+        assert un["U4"] == 2.0  # 2 |alpha| k
+        cost = cdist(u.numpy(), v.numpy())
+        r, c = linear_sum_assignment(cost)
+        assert float(ics.wasserstein(u, v)) == pytest.approx(cost[r, c].mean(), rel=1e-9)
+        assert cost[r, c].mean() <= 2.0
+    # the generator's own slope: iid per-coordinate moves give sqrt(d) by construction
+    slope = np.polyfit(np.log(list(u3)), np.log(list(u3.values())), 1)[0]
+    assert slope == pytest.approx(0.5, abs=0.05)

@@ -52,13 +52,16 @@ def table():
 @pytest.fixture(scope="module")
 def sweep():
     rows = []
-    for noise in (0.0, 0.5):
-        for d in (4, 16, 64):
-            for variant, q, bound in (("batch", "U3", 2 * d**0.5), ("unitization", "U4", 2.0)):
-                rows.append({"variant": variant, "dim": d, "noise": noise, "quantity": "exact",
-                             "value": 0.5 * bound})  # fmt: skip
-                rows.append({"variant": variant, "dim": d, "noise": noise, "quantity": q,
-                             "value": bound})  # fmt: skip
+    for b in (8, 128):
+        for seed in (0, 1):
+            for d in (4, 16, 64):
+                for variant, q, bound in (
+                    ("batch", "U3", 2 * d**0.5),
+                    ("unitization=1", "U4", 2.0),
+                ):
+                    for name, value in (("exact", (0.4 + 0.1 * seed) * bound), (q, bound)):
+                        rows.append({"variant": variant, "dim": d, "batch_size": b, "seed": seed,
+                                     "quantity": name, "value": value})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -137,13 +140,27 @@ def test_plot_bounds_vs_dim(sweep):
     for ax in fig.axes:
         assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
         lines = _lines(ax)
-        assert len(lines) == 2 * 2 + 1  # (W1, bound) per noise level + the sqrt(d) reference
+        assert len(lines) == 2 * 2 + 1  # (W1, bound) per batch size + the sqrt(d) reference
         ref = lines[-1]
         x, y = np.asarray(ref.get_xdata()), np.asarray(ref.get_ydata())
         assert np.allclose(y / np.sqrt(x), y[0] / np.sqrt(x[0]))  # c sqrt(d)
+        # the W1 line is the mean over seeds, and the seeds' range is shaded
+        w1 = lines[0]
+        assert np.allclose(w1.get_ydata(), 0.45 * np.asarray(ax.get_lines()[1].get_ydata()))
+        assert len([c for c in ax.collections if isinstance(c, PolyCollection)]) == 2
     assert "U3" in fig.axes[0].get_title() and "U4" in fig.axes[1].get_title()
-    fig = plot_bounds_vs_dim(sweep, noises=[0.5])
+    assert [ln.get_label() for ln in _lines(fig.axes[0])][::2][:2] == ["batch 8", "batch 128"]
+    fig = plot_bounds_vs_dim(sweep, batch_sizes=[128])
     assert len(_lines(fig.axes[0])) == 3
+
+
+def test_plot_bounds_vs_dim_draws_tight_forms_of_a_bound(sweep):
+    tight = sweep[sweep.quantity == "U3"].assign(quantity="U3_tight", value=lambda t: t.value / 2)
+    fig = plot_bounds_vs_dim(pd.concat([sweep, tight]), batch_sizes=[8])
+    lines = _lines(fig.axes[0])
+    assert [ln.get_linestyle() for ln in lines[:3]] == ["-", "--", "-."]
+    assert "U3_tight dash-dot" in fig.axes[0].get_title()
+    assert len(_lines(fig.axes[1])) == 3  # unitization has no tight form here
 
 
 def test_draw_into_given_axes(table):
@@ -176,8 +193,8 @@ def test_bad_selections_raise(table, sweep):
         plot_ics(table, yscale="loglog")
     with pytest.raises(ICSValueError, match=r"`sweep_df` lacks the column\(s\) \['dim'\]"):
         plot_bounds_vs_dim(sweep.drop(columns="dim"))
-    with pytest.raises(ICSValueError, match=r"`noises` \[2.0\] not in the table"):
-        plot_bounds_vs_dim(sweep, noises=[2.0])
+    with pytest.raises(ICSValueError, match=r"`batch_sizes` \[2\] not in the table"):
+        plot_bounds_vs_dim(sweep, batch_sizes=[2])
 
 
 def test_no_global_matplotlib_state_is_changed(table):

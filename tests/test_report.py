@@ -225,7 +225,48 @@ def test_fit_slopes_recovers_power_laws():
     out = fit_slopes(pd.DataFrame(rows)).set_index("variant")
     assert out.loc["batch", "slope"] == pytest.approx(0.5)
     assert out.loc["unitization", "slope"] == pytest.approx(0.0, abs=1e-12)
-    assert (out.n_dims == 4).all()
+    assert (out.n_dims == 4).all() and (out.n_seeds == 1).all()
+    assert out[["low", "high"]].isna().all().all()  # one seed: no interval
+
+
+def test_fit_slopes_per_seed_with_a_student_t_interval():
+    """Seeds with known slopes 0.4, 0.5, 0.65: the mean and the t interval of those three."""
+    from scipy import stats
+
+    d = np.array([16, 64, 256, 1024, 4096])
+    known = {0: 0.4, 1: 0.5, 2: 0.65}
+    rows = []
+    for seed, k in known.items():
+        for b, c in ((8, 1.0), (128, 0.1)):
+            for x in d:
+                # two rows per width and seed (e.g. two measured layers): their mean is fitted
+                for f in (0.5, 1.5):
+                    rows.append({"variant": "batch", "batch_size": b, "seed": seed,
+                                 "quantity": "exact", "dim": x, "value": f * c * x**k})  # fmt: skip
+    rows.append(
+        {
+            "variant": "batch",
+            "batch_size": 8,
+            "seed": 0,
+            "quantity": "exact",
+            "dim": 32,
+            "value": 0.0,
+        }
+    )  # fmt: skip  (not positive: left out of the fit)
+    out = fit_slopes(pd.DataFrame(rows), level=0.9)
+    assert list(out.columns) == [
+        "variant", "batch_size", "quantity", "slope", "low", "high", "n_seeds", "per_seed",
+        "n_dims",
+    ]  # fmt: skip
+    assert len(out) == 2 and (out.n_seeds == 3).all() and (out.n_dims == 5).all()
+    v = np.array(list(known.values()))
+    half = stats.t.ppf(0.95, 2) * v.std(ddof=1) / np.sqrt(3)
+    for r in out.itertuples():
+        assert r.slope == pytest.approx(v.mean())
+        assert (r.low, r.high) == pytest.approx((v.mean() - half, v.mean() + half))
+        assert r.per_seed == "0: 0.400, 1: 0.500, 2: 0.650"
+    one = fit_slopes(pd.DataFrame(rows)[lambda t: t.dim == 64])
+    assert one.empty  # a single width gives no slope
 
 
 def test_order_runs_puts_known_kinds_first():
