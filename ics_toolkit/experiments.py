@@ -80,9 +80,9 @@ SWEEP_COLUMNS: dict[str, str] = {
     "statistics and steps)",
     "seed": "seed of the run's initial weights, batch order and measurement",
     "quantity": "a quantity the monitor measured on the normalized layer's output (flatten "
-    "view): exact (ICS), L1..L3, U1, U2, the normalization bounds (U3 and U3_tight BatchNorm, U4 / U5 "
-    "Unitization) and their terms, floor_exact, scale, relative_exact, identity_share; and "
-    "test_accuracy",
+    "view): exact (ICS), L1..L3, U1, U2, the normalization bounds (U3 and U3_tight "
+    "BatchNorm, U4 / U5 Unitization) and their terms, floor_exact, scale, relative_exact, "
+    "identity_share; and test_accuracy",
     "kind": "estimate | lower | upper | floor | stat | relative | term",
     "value": "mean over the run's measured steps (test_accuracy: after training)",
     "n_steps": "measured steps averaged (0 for test_accuracy)",
