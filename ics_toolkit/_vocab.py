@@ -82,6 +82,9 @@ NORM_BOUNDS: tuple[str, ...] = ("U3", "U3_tight", "U4", "U5")
 #: The RMS norm sqrt(mean_i ||X_i||^2) of a layer's outputs at step t (kind ``stat``):
 #: the unit of the scale-free ``relative_<estimate>`` rows.
 SCALE = "scale"
+#: On a sketched layer (view ``sketch``): the exact W1 of the k-dimensional sketch times
+#: sqrt(d'/k), the estimate of the layer's exact W1 (kind ``estimate``).
+EXACT_JL = "exact_jl"
 #: Mass the optimal plan of the ``exact`` W1 keeps on the pairs (i, i) (kind ``stat``).
 IDENTITY_SHARE = "identity_share"
 #: Storage resolution of a (step, layer, view) (kind ``stat``): a bound on how far the
@@ -159,6 +162,9 @@ PRECISIONS: tuple[str, ...] = ("float32", "float64")
 #: ``python benchmarks/precision.py``). Two quantities
 #: are differences of nearly equal numbers, so their error is stated against the
 #: layer's ``scale`` instead: L2 and drift_norm_var, within FLOAT32_ERROR * scale.
+#: L1 and L2 are computed from the paired differences x_i - y_i (not from float32 means
+#: of each side, off by ~u ||x||), so at tiny steps (W1 near float32's roundoff of the
+#: outputs) they stay within FLOAT32_ERROR of the W1 they are checked against.
 FLOAT32_ERROR = 1e-4
 
 #: The same for U3, and for its ``U3_eps`` term relative to U3: the paper's core

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -565,11 +565,12 @@ def _lower(
     gap: torch.Tensor | None = None,
     row_norms: tuple[torch.Tensor, torch.Tensor] | None = None,
     column_abs_gap: torch.Tensor | None = None,
+    norm_gap: float | None = None,
 ) -> dict[str, float]:
-    """L1, L2 and L3 of checked float64 samples (the kernel).
+    """L1, L2 and L3 of checked samples (the kernel).
 
-    ``gap`` (the mean gap), ``row_norms`` and ``column_abs_gap`` (mean_i |x_ik - y_ik|)
-    are reused when a caller has them.
+    ``gap`` (the mean gap), ``row_norms``, ``column_abs_gap`` (mean_i |x_ik - y_ik|) and
+    ``norm_gap`` (mean_i ||x_i|| - mean_i ||y_i||) are reused when a caller has them.
     """
     from ics_toolkit import _sliced
     from ics_toolkit.distances import _directions
@@ -578,9 +579,11 @@ def _lower(
     if gap is None:
         gap = tx.mean(dim=0) - ty.mean(dim=0)
     out["L1"] = float(torch.linalg.vector_norm(gap))
-    if row_norms is None:
-        row_norms = (torch.linalg.vector_norm(tx, dim=1), torch.linalg.vector_norm(ty, dim=1))
-    out["L2"] = abs(float(row_norms[0].mean() - row_norms[1].mean()))
+    if norm_gap is None:
+        if row_norms is None:
+            row_norms = (torch.linalg.vector_norm(tx, dim=1), torch.linalg.vector_norm(ty, dim=1))
+        norm_gap = float(row_norms[0].mean() - row_norms[1].mean())
+    out["L2"] = abs(norm_gap)
     dirs = [(gap / gap.norm()).unsqueeze(0).to(tx.dtype)] if out["L1"] > 0 else []
     if n_projections:
         dirs.append(_directions(tx.shape[1], n_projections, seed, tx.device, tx.dtype).T)
@@ -617,7 +620,7 @@ def _best_axis(
     d = tx.shape[1]
     if tx.shape[0] != ty.shape[0]:  # unpaired: no cheap upper value, measure every column
         return max(start, float(_sliced.coordinate_group([tx], [ty], tx.dtype)[0].max()))
-    upper = _differences(tx, ty)[1] if column_abs_gap is None else column_abs_gap
+    upper = _differences(tx, ty).column_abs_gap if column_abs_gap is None else column_abs_gap
     best = start
     order = torch.argsort(upper, descending=True)
     values = upper[order].tolist()
@@ -630,22 +633,49 @@ def _best_axis(
     return best
 
 
-def _differences(tx: torch.Tensor, ty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass over x - y of paired samples.
+class _Paired(NamedTuple):
+    """What one pass over x - y of paired samples gives (see :func:`_differences`)."""
 
-    Returns the row distances ||x_i - y_i|| (n,) and the per-column mean_i |x_ik - y_ik|
-    (d,), computed in row blocks of ~2 MiB (no (n, d) temporary for wide layers).
+    dist: torch.Tensor  # (n,) ||x_i - y_i||
+    column_abs_gap: torch.Tensor  # (d,) mean_i |x_ik - y_ik|
+    gap: torch.Tensor  # (d,) mean_i (x_ik - y_ik) = mean(x) - mean(y)
+    norm_gap: float  # mean_i ||x_i|| - mean_i ||y_i||
+
+
+def _differences(
+    tx: torch.Tensor, ty: torch.Tensor, row_norms: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> _Paired:
+    """One pass over x - y of paired samples, in row blocks of ~2 MiB.
+
+    The mean gap and the gap of the mean row norms (L1's and L2's inputs) come from the
+    differences, not from two means of nearly equal numbers: for a small step the
+    difference of float32 means (or float32 row norms) of two samples of norm ``||x||``
+    is off by about ``u ||x||``, as large as the W1 it would be compared with (L1 or L2
+    > exact). ``||x_i|| - ||y_i|| = <x_i - y_i, x_i + y_i> / (||x_i|| + ||y_i||)`` has
+    only the relative error of the differences. ``row_norms`` reuse a caller's.
     """
     n, d = tx.shape
     rows = max(1, 2**18 // d)
     dist = torch.empty(n, dtype=tx.dtype, device=tx.device)
+    sq_gap = torch.empty(n, dtype=tx.dtype, device=tx.device)  # ||x_i||^2 - ||y_i||^2
     column = torch.zeros(d, dtype=tx.dtype, device=tx.device)
+    signed = torch.zeros(d, dtype=tx.dtype, device=tx.device)
     buf = torch.empty((min(rows, n), d), dtype=tx.dtype, device=tx.device)
+    total = torch.empty_like(buf)
     for i in range(0, n, rows):
-        diff = torch.sub(tx[i : i + rows], ty[i : i + rows], out=buf[: min(rows, n - i)])
+        k = min(rows, n - i)
+        diff = torch.sub(tx[i : i + rows], ty[i : i + rows], out=buf[:k])
+        both = torch.add(tx[i : i + rows], ty[i : i + rows], out=total[:k])
         dist[i : i + rows] = torch.linalg.vector_norm(diff, dim=1)
+        sq_gap[i : i + rows] = torch.linalg.vecdot(diff, both)
+        signed += diff.sum(dim=0)
         column += diff.abs_().sum(dim=0)
-    return dist, column / n
+    if row_norms is None:
+        row_norms = (torch.linalg.vector_norm(tx, dim=1), torch.linalg.vector_norm(ty, dim=1))
+    norm_sum = row_norms[0] + row_norms[1]
+    # rows that are both zero have no norm gap (and 0 / 0 must not make a NaN)
+    per_row = torch.where(norm_sum > 0, sq_gap / norm_sum.clamp_min(torch.finfo(tx.dtype).tiny), 0)
+    return _Paired(dist, column / n, signed / n, float(per_row.double().mean()))
 
 
 def _paired_upper(
@@ -654,7 +684,7 @@ def _paired_upper(
     """U1 and U2 of paired checked samples; ``dist`` reuses the row distances ||x_i - y_i||."""
     n = tx.shape[0]
     if dist is None:
-        dist = _differences(tx, ty)[0]
+        dist = _differences(tx, ty).dist
     return {
         "U1": float(dist.mean()),
         "U2": float(torch.linalg.vector_norm(dist)) / math.sqrt(n),
@@ -685,19 +715,30 @@ def _bounds(
     coordinate_axes: bool = True,
     gap: torch.Tensor | None = None,
     row_norms: tuple[torch.Tensor, torch.Tensor] | None = None,
-    differences: tuple[torch.Tensor, torch.Tensor] | None = None,
+    differences: _Paired | None = None,
 ) -> dict[str, float]:
     """Every bound of checked samples (the kernel behind :func:`bounds`).
 
     ``gap`` (mean(x) - mean(y)), ``row_norms`` and ``differences`` (what
-    :func:`_differences` returns for paired rows) reuse what a caller computed.
+    :func:`_differences` returns for paired rows) reuse what a caller computed; for
+    paired rows the mean gap and the norm gap come from the differences.
     """
-    dist = column_abs_gap = None
+    paired = None
     if tx.shape[0] == ty.shape[0]:
-        dist, column_abs_gap = differences or _differences(tx, ty)
-    out = _lower(tx, ty, n_projections, seed, coordinate_axes, gap, row_norms, column_abs_gap)
-    if dist is not None:
-        out.update(_paired_upper(tx, ty, dist))
+        paired = differences or _differences(tx, ty, row_norms)
+    out = _lower(
+        tx,
+        ty,
+        n_projections,
+        seed,
+        coordinate_axes,
+        gap if paired is None else paired.gap,
+        row_norms,
+        None if paired is None else paired.column_abs_gap,
+        None if paired is None else paired.norm_gap,
+    )
+    if paired is not None:
+        out.update(_paired_upper(tx, ty, paired.dist))
     if norms is not None:
         out.update(_norm_bounds(*norms))
     return out

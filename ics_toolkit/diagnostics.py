@@ -46,13 +46,21 @@ def rms_scale(x: torch.Tensor, row_norms: torch.Tensor | None = None) -> float:
     return float(torch.linalg.vector_norm(row_norms.double())) / math.sqrt(x.shape[0])
 
 
-def relative_rows(rows: Sequence[Mapping[str, Any]], scale: float) -> list[dict[str, Any]]:
-    """``relative_<q>`` rows (value / scale) of the estimate and interval rows in ``rows``."""
+def relative_rows(
+    rows: Sequence[Mapping[str, Any]], scale: float, jl: float = 1.0
+) -> list[dict[str, Any]]:
+    """``relative_<q>`` rows (value / scale) of the estimate and interval rows in ``rows``.
+
+    On a sketched view ``scale`` is the sketch's and ``jl`` (sqrt(d'/k)) rescales it to
+    the layer's for ``exact_jl``, the one row in the layer's units: so
+    ``relative_exact_jl`` equals ``relative_exact``, as the rescaling cancels.
+    """
     out = []
     for row in rows:
         if row.get("kind") not in ("estimate", "interval"):
             continue
-        value = row["value"] / scale if scale > 0 else math.nan
+        unit = scale * (jl if row["quantity"] == _vocab.EXACT_JL else 1.0)
+        value = row["value"] / unit if unit > 0 else math.nan
         out.append(
             {
                 "quantity": _vocab.relative_name(row["quantity"]),
@@ -71,6 +79,7 @@ def step_rows(
     logs: Mapping[str, Mapping[str, Any]],
     config: Any,
     row_norms: torch.Tensor | None = None,
+    jl: float = 1.0,
 ) -> list[dict[str, Any]]:
     """The scale, identity-share, interval and relative rows of one (layer, view).
 
@@ -87,6 +96,9 @@ def step_rows(
         whose optimal plan is not the identity.
     row_norms : torch.Tensor, shape (n,), optional
         ||x_i||, when the caller has them (the scale is computed from them).
+    jl : float
+        On a sketched view, sqrt(d'/k) (:func:`ics_toolkit.sketch.jl_scale`): the
+        factor of ``exact_jl``, which its relative row divides out again.
 
     Returns
     -------
@@ -153,7 +165,7 @@ def step_rows(
     seconds = time.perf_counter() - start
     for row in out:
         row["wall_time_s"] = seconds / len(out)
-    out += relative_rows([*rows, *out], scale)
+    out += relative_rows([*rows, *out], scale, jl)
     return out
 
 

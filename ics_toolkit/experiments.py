@@ -978,10 +978,10 @@ def _seed_list(seeds: int | Sequence[int], seed: int) -> list[int]:
 
 def _some_layers(df: pd.DataFrame, view: str, max_layers: int) -> list[str] | None:
     """At most ``max_layers`` measured layers, evenly spaced in model order (None: all)."""
-    from ics_toolkit.report import order_layers
+    from ics_toolkit.report import _in_view, order_layers
 
     max_layers = _positive_int(max_layers, "`max_layers`")
-    in_view = df[(df["view"] == view).fillna(False).astype(bool)]
+    in_view = df[_in_view(df["view"], view)]  # "flatten" takes the sketched layers too
     names = order_layers(in_view["layer"])
     if len(names) <= max_layers:
         return None

@@ -70,11 +70,11 @@ _REQUIRED = ("step", "layer", "view", "quantity", "value")
 
 #: View of the rows of sketched layers, and their estimate of the true W1 (shift.py).
 _SKETCH = "sketch"
-_JL = "exact_jl"
+_JL = _vocab.EXACT_JL
 #: What a sketched row reports for a requested quantity: the JL estimate for the exact
-#: W1; the sketch's own relative ICS, exact / scale, equal to exact_jl / (JL-rescaled
-#: scale) since the rescaling cancels (the table's ``relative_exact_jl`` divides
-#: exact_jl by the sketch's unrescaled scale: sqrt(d'/k) too large). Other estimators
+#: W1; the sketch's own relative ICS, exact / scale, equal to the table's
+#: ``relative_exact_jl`` (exact_jl / the JL-rescaled scale) since the rescaling
+#: cancels. Other estimators
 #: of the sketch are not estimates of the layer's (sliced W1 in R^k is not the sliced
 #: W1 in R^d), so they are NaN.
 _SKETCH_ESTIMATES = {

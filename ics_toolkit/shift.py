@@ -384,7 +384,7 @@ def _measure_groups(
         if paired and config.bounds and name != "channel":
             # one pass over x - y: U1/U2's row distances and L3's per-column upper values,
             # and the cost matrix's diagonal where it would be differenced again
-            g["differences"] = _differences(g["x"], g["y"])
+            g["differences"] = _differences(g["x"], g["y"], g["norms"])
         for method in g["methods"]:
             start = time.perf_counter()
             try:
@@ -396,7 +396,7 @@ def _measure_groups(
                     config.n_projections,
                     config.seed,
                     row_norms=g["norms"],
-                    paired_dist=g["differences"][0] if "differences" in g else None,
+                    paired_dist=g["differences"].dist if "differences" in g else None,
                     keep_cost=method == "exact",
                 )
             except ICSError as err:  # e.g. a problem too large for the exact solver
@@ -416,7 +416,7 @@ def _measure_groups(
             exact = next((r for r in g["rows"] if r["quantity"] == "exact"), None)
             if exact is not None and math.isfinite(exact["value"]):
                 value = jl_scale(width, int(x.shape[1])) * exact["value"]
-                g["rows"].append(_row("estimate", "exact_jl", value, wall_time_s=0.0))
+                g["rows"].append(_row("estimate", _vocab.EXACT_JL, value, wall_time_s=0.0))
         if config.floor:
             floored = [m for m in (*g["batched"], *g["methods"]) if m in config.floor]
             if name == "channel":
@@ -424,24 +424,37 @@ def _measure_groups(
             for method in floored:
                 g["rows"].append(_floor_row(x, method, config, g["norms"][0]))
         drifts = config.moments and name != "channel" and width is None
-        if (config.bounds or drifts) and name != "channel":
-            # one pass over the samples for the column moments the bounds (mean gap) and
-            # the drift (mean, variance, fourth moment) share
+        g["stats_s"], shared = 0.0, config.bounds and "differences" not in g
+        if (drifts or shared) and name != "channel":
+            # one pass over the samples for the column moments the drift (mean, variance,
+            # fourth moment) and unpaired bounds (mean gap) share; paired bounds take
+            # the mean gap from the differences
             start = time.perf_counter()
             g["moments"] = (_column_moments(x, drifts), _column_moments(y, drifts))
-            g["stats_s"] = time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            # the moments' time, split between the rows that use them
+            g["stats_s"] = seconds / (1 + drifts) if shared else 0.0
+            g["drift_stats_s"] = seconds - g["stats_s"]
         if config.bounds and name != "channel":
             g["rows"].extend(_bound_rows(key, name, g, before, after, config))
         if drifts:
             start = time.perf_counter()
             drift = _drift(x, y, g["moments"], g["norms"])
-            seconds = time.perf_counter() - start + g["stats_s"] / (1 + config.bounds)
+            seconds = time.perf_counter() - start + g["drift_stats_s"]
             for q, v in drift.items():
                 g["rows"].append(_row("drift", q, v, wall_time_s=seconds / len(drift)))
         g["rows"].append(_resolution_row(g, name, width))
         # scale, identity share, intervals and relative values (issue #13)
         g["rows"].extend(
-            diagnostics.step_rows(x, y, g["rows"], g.get("logs", {}), config, g["norms"][0])
+            diagnostics.step_rows(
+                x,
+                y,
+                g["rows"],
+                g.get("logs", {}),
+                config,
+                g["norms"][0],
+                1.0 if width is None else jl_scale(width, int(x.shape[1])),
+            )
         )
         _check_group(step, key, name, g, config)
 
@@ -593,14 +606,14 @@ def _bound_rows(
         else:
             norms = norm_pair(a, b, name, g["opts"])
     have_max_sliced = "max_sliced" in g["batched"]
-    (mx, _, _), (my, _, _) = g["moments"]
+    moments = g.get("moments")
     values = _bounds(
         g["x"],
         g["y"],
         norms,
         0 if have_max_sliced else config.n_projections,
         config.seed,
-        gap=mx - my,
+        gap=None if moments is None else moments[0][0] - moments[1][0],
         row_norms=g["norms"],
         differences=g.get("differences"),
     )
@@ -609,7 +622,7 @@ def _bound_rows(
         values.update(zip(_vocab.BOUND_TERMS["U3"], u3, strict=True))
     elif norms is not None:  # the terms that U3 / U5 add up (ics_toolkit.bound_terms)
         values.update(bound_terms(*norms))
-    seconds = time.perf_counter() - start + g["stats_s"] / (1 + config.moments)
+    seconds = time.perf_counter() - start + g["stats_s"]
     if have_max_sliced:  # L3 tries the max_sliced directions too: reuse, don't recompute
         max_sliced = next(r["value"] for r in g["rows"] if r["quantity"] == "max_sliced")
         values["L3"] = max(values["L3"], max_sliced)
@@ -662,8 +675,8 @@ def _below_resolution(rows: Sequence[dict[str, Any]], resolution: float) -> list
         value = row["value"]
         if row["kind"] in _DISTANCE_KINDS and math.isfinite(value):
             own[row["quantity"]] = bool(value <= resolution)
-    if "exact" in own and "exact_jl" in own:
-        own["exact_jl"] = own["exact"]
+    if "exact" in own and _vocab.EXACT_JL in own:
+        own[_vocab.EXACT_JL] = own["exact"]
     flags = []
     for row in rows:
         quantity = row["quantity"]

@@ -263,6 +263,10 @@ def test_monitor_with_a_sketch_reports_bounds_that_hold_for_the_true_w1():
             assert b.loc[idx, q] <= true * (1 + 1e-6) + 1e-9, (idx, q)
         if idx[1] == "1":
             assert abs(b.loc[idx, "exact_jl"] / true - 1) < jl_epsilon(48, k)
+            # the rescaling cancels in the relative value: exact_jl / (JL-rescaled scale)
+            rel = b.loc[idx, "relative_exact_jl"]
+            assert rel == pytest.approx(b.loc[idx, "relative_exact"], rel=1e-12)
+            assert abs(rel / a.loc[idx, "relative_exact"] - 1) < 2 * jl_epsilon(48, k)
         else:
             assert b.loc[idx, "exact"] == pytest.approx(true, rel=1e-9)
     mem = sketched.memory_per_layer().set_index("layer")

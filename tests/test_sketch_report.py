@@ -186,3 +186,14 @@ def test_the_report_and_the_sketch_module_state_the_same_error():
     for n, k in ((8, 1), (64, 64), (256, 256), (1000, 17)):
         assert _jl_epsilon(n, k) == pytest.approx(jl_epsilon(n, k), rel=1e-15)
     assert math.isnan(_jl_epsilon(pd.NA, 4))
+
+
+def test_the_layer_choice_of_the_figures_counts_sketched_layers():
+    from ics_toolkit.experiments import _some_layers
+
+    views = ["flatten", "sketch", "sketch", "flatten", "channel"]
+    df = pd.DataFrame({"layer": ["a", "b", "c", "d", "e"], "view": views})
+    # "flatten" stands for the sketched layers too (a wide layer is stored either way)
+    assert _some_layers(df, "flatten", 4) is None  # 4 layers: every one fits
+    assert _some_layers(df, "flatten", 2) == ["a", "d"]
+    assert _some_layers(df, "flatten", 3) == ["a", "c", "d"]  # evenly spaced: 0, 2, 3

@@ -226,9 +226,12 @@ def test_one_pass_kernels_equal_the_direct_formulas():
         torch.testing.assert_close(m4, ((x - x.mean(0)) ** 4).mean(0), rtol=1e-12, atol=0)
     finally:
         moments._ROW_BLOCK_VALUES = old_rows
-    dist, column = bounding._differences(x, y)
-    torch.testing.assert_close(dist, (x - y).norm(dim=1), rtol=1e-14, atol=0)
-    torch.testing.assert_close(column, (x - y).abs().mean(0), rtol=1e-13, atol=0)
+    paired = bounding._differences(x, y)
+    torch.testing.assert_close(paired.dist, (x - y).norm(dim=1), rtol=1e-14, atol=0)
+    torch.testing.assert_close(paired.column_abs_gap, (x - y).abs().mean(0), rtol=1e-13, atol=0)
+    torch.testing.assert_close(paired.gap, x.mean(0) - y.mean(0), rtol=1e-12, atol=1e-15)
+    norm_gap = float(x.norm(dim=1).mean() - y.norm(dim=1).mean())
+    assert paired.norm_gap == pytest.approx(norm_gap, rel=1e-12)
     # the pruned axis search returns the max over every column, to the bit
     every = float(_sliced.coordinate_group([x], [y], torch.float64)[0].max())
     assert bounding._best_axis(x, y, 0.0) == every
