@@ -901,7 +901,7 @@ def plot_bounds_vs_dim(
                 ax.minorticks_off()
             said = [f"{measured} solid", *(f"{q} {'dashed' if i == 0 else 'dash-dot'}"
                                            for i, q in enumerate(names))]  # fmt: skip
-            ax.set_title(f"{v}: {', '.join(said)}")
+            ax.set_title(f"{v}\n{', '.join(said)}", fontsize="medium")
             ax.set_xlabel("width d")
         axs[0].set_ylabel("W1 and its bounds")
         if created:
