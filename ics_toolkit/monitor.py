@@ -175,7 +175,7 @@ class ICSMonitor:
     rtol : float
         Tolerance of the bound checks (:data:`ics_toolkit.bounding.RTOL`).
     method_options : dict, optional
-        Extra options per method, e.g. ``{"sinkhorn": {"reg": 0.05}}``.
+        Extra options per method, e.g. ``{"sinkhorn": {"rtol": 1e-3}}``.
     sketch : int, optional
         Store a random-projection sketch of k numbers per probe input instead of the
         d of a wide layer (:mod:`ics_toolkit.sketch`; taken inside the hook, so n x d is

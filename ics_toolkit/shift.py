@@ -71,7 +71,7 @@ class MeasureConfig:
     rtol : float
         Tolerance of the bound checks.
     method_options : mapping
-        Extra options per method, e.g. ``{"sinkhorn": {"reg": 0.05}}``.
+        Extra options per method, e.g. ``{"sinkhorn": {"rtol": 1e-3}}``.
     precision : {"float64", "float32"}
         Dtype of the analysis. ``"float64"`` (the default here, the reference) converts
         every view to float64 once; ``"float32"`` (:class:`ics_toolkit.ICSMonitor`'s
@@ -152,7 +152,7 @@ def _method_options(method_options: Any) -> dict[str, dict[str, Any]]:
     if not isinstance(method_options, Mapping):
         raise ICSTypeError(
             f"`method_options` must be a dict from method name to a dict of its options, "
-            f'e.g. {{"sinkhorn": {{"reg": 0.05}}}}, got {type(method_options).__name__}'
+            f'e.g. {{"sinkhorn": {{"rtol": 1e-3}}}}, got {type(method_options).__name__}'
         )
     checked = {}
     for method, options in method_options.items():
