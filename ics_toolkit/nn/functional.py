@@ -38,7 +38,9 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_NORM",
     "NORMS",
+    "VARIANCES",
     "Normalized",
+    "keras_correction",
     "normalized",
     "unitization",
     "unitization_scale",
@@ -48,6 +50,25 @@ __all__ = [
 NORMS: tuple[str, ...] = ("authors", "l2")
 #: The default: the authors' per-pixel scaling, so that the layer reproduces theirs.
 DEFAULT_NORM = "authors"
+
+#: How the batch variance enters the normalization in training mode: ``"biased"`` (torch's
+#: BatchNorm: the biased variance over the M = N * spatial values of a channel) or
+#: ``"keras"`` (the authors' published Keras layer: that variance times M / (M - 1 - eps)).
+VARIANCES = ("biased", "keras")
+
+
+def keras_correction(count: int, eps: float) -> float:
+    """``M / (M - 1 - eps)``: the authors' Keras layer's factor on the batch variance.
+
+    ``count`` is M, the number of values per channel in the batch (N times the spatial
+    positions). Close to Bessel's M / (M - 1), but with eps inside.
+    """
+    if count - 1 - eps <= 0:
+        raise ICSValueError(
+            f"the Keras variance correction M / (M - 1 - eps) needs M > 1 + eps values per "
+            f"channel, got M = {count} (eps = {eps}); use a larger batch"
+        )
+    return count / (count - 1 - eps)
 
 
 def _check_norm(norm: object) -> str:
@@ -333,6 +354,7 @@ def unitization(
     momentum: float = 0.1,
     eps: float = 1e-5,
     norm: str = DEFAULT_NORM,
+    variance: str = "biased",
 ) -> torch.Tensor:
     r"""Apply Unitization: BatchNorm, then a per-sample rescaling by the sample's norm.
 
@@ -363,6 +385,12 @@ def unitization(
         Added to the variance and to ``s**2``.
     norm : {"authors", "l2"}
         Which per-sample norm divides ``x_hat``: see :func:`unitization_scale`.
+    variance : {"biased", "keras"}
+        In training mode, normalize by the biased batch variance (``"biased"``, torch's
+        BatchNorm) or by it times M / (M - 1 - eps) (``"keras"``, the authors' Keras
+        layer, M the values per channel; see :func:`keras_correction`). With
+        ``"keras"`` the running variance averages the corrected variance, the one
+        used to normalize; the running mean is updated as usual.
 
     Returns
     -------
@@ -388,13 +416,26 @@ def unitization(
     x = _check_input(input)
     if x.dtype in (torch.float16, torch.bfloat16):
         y = unitization(
-            x.float(), running_mean, running_var, weight, bias, alpha, training, momentum, eps, norm
+            x.float(),
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            alpha,
+            training,
+            momentum,
+            eps,
+            norm,
+            variance,
         )
         return y.to(x.dtype)
+    if variance not in VARIANCES:
+        raise ICSValueError(f"`variance` must be one of {VARIANCES}, got {variance!r}")
     with torch.autocast(device_type=x.device.type, enabled=False):
         return _unitization(
-            x, running_mean, running_var, weight, bias, alpha, training, momentum, eps, norm
-        )
+            x, running_mean, running_var, weight, bias, alpha, training, momentum, eps, norm,
+            variance == "keras",
+        )  # fmt: skip
 
 
 def _unitization(
@@ -408,6 +449,7 @@ def _unitization(
     momentum: float,
     eps: float,
     norm: str,
+    keras: bool = False,
 ) -> torch.Tensor:
     channels = x.shape[1]
     norm = _check_norm(norm)
@@ -438,6 +480,15 @@ def _unitization(
     b = None if bias is None else bias.to(x.dtype)
     inv_k2 = 1.0 / unitization_scale(x.shape, norm) ** 2
     update = training and running_mean is not None
+
+    if training and keras:  # the authors' variance: plain torch ops (autograd differentiates)
+        mean, var = _batch_stats(x)
+        var = var * keras_correction(x.numel() // channels, eps)
+        if update:
+            with torch.no_grad():
+                for buf, stat in ((running_mean, mean), (running_var, var)):
+                    buf.mul_(1.0 - momentum).add_(stat.to(buf.dtype), alpha=momentum)  # type: ignore[union-attr]
+        return _composite(x, mean, var, w, b, alpha_t, eps, inv_k2)
 
     if torch.compiler.is_compiling():
         if training:
@@ -556,6 +607,8 @@ def normalized(
         if use_batch:
             _check_batch(xd)
             mean, var = _batch_stats(xd)
+            if getattr(module, "variance", "biased") == "keras":  # as the layer normalized
+                var = var * keras_correction(xd.numel() // channels, float(module.eps))
         else:
             mean = module.running_mean.to(xd.dtype)
             var = module.running_var.to(xd.dtype)

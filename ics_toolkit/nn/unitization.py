@@ -9,7 +9,13 @@ import torch
 from torch import nn
 
 from ics_toolkit.errors import ICSValueError
-from ics_toolkit.nn.functional import DEFAULT_NORM, _check_norm, unitization, unitization_scale
+from ics_toolkit.nn.functional import (
+    DEFAULT_NORM,
+    VARIANCES,
+    _check_norm,
+    unitization,
+    unitization_scale,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -64,6 +70,14 @@ class Unitization(nn.Module):
         value used is :attr:`effective_alpha`.
     learn_alpha : bool
         Register ``alpha`` as a trainable parameter (True) or as a fixed buffer.
+    variance : {"biased", "keras"}
+        The batch variance that normalizes in training mode. ``"biased"`` (default):
+        torch's BatchNorm, so ``alpha = 0`` is ``nn.BatchNorm`` exactly. ``"keras"``: the
+        authors' published Keras layer, the biased variance times ``M / (M - 1 - eps)``
+        (M = values per channel in the batch,
+        :func:`~ics_toolkit.nn.functional.keras_correction`); the running variance then
+        averages that corrected variance. Eval mode is the same for both (running
+        statistics). :meth:`keras` builds the authors' layer with their defaults.
     device, dtype
         Factory arguments for the parameters and buffers.
 
@@ -110,10 +124,17 @@ class Unitization(nn.Module):
         norm: str = DEFAULT_NORM,
         clamp_alpha: bool = False,
         learn_alpha: bool = True,
+        variance: str = "biased",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if variance not in VARIANCES:
+            raise ICSValueError(
+                f"`variance` must be one of {VARIANCES} ('keras': the authors' layer, "
+                f"see Unitization.keras), got {variance!r}"
+            )
+        self.variance = str(variance)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ICSValueError(f"`num_features` must be a positive int, got {num_features!r}")
         if not (isinstance(eps, (int, float)) and eps > 0):
@@ -157,6 +178,25 @@ class Unitization(nn.Module):
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
         self.reset_parameters()
+
+    @classmethod
+    def keras(cls, num_features: int, **kwargs: Any) -> Unitization:
+        """The authors' published Keras layer: its variance correction and defaults.
+
+        ``variance="keras"`` (the batch variance times ``M / (M - 1 - eps)``), Keras'
+        ``epsilon=1e-3`` and ``momentum=0.99``. Keras weighs the *old* running value by
+        its momentum (``r <- 0.99 r + 0.01 batch``), torch the *new* batch statistic,
+        so Keras' 0.99 is torch's ``momentum=0.01``. Any other argument (``alpha_init``,
+        ``norm``, ...) as for the constructor; the ones above can be overridden too.
+
+        Examples
+        --------
+        >>> layer = Unitization.keras(16, alpha_init=0.5)
+        >>> layer.eps, layer.momentum, layer.variance
+        (0.001, 0.01, 'keras')
+        """
+        options: dict[str, Any] = {"eps": 1e-3, "momentum": 0.01, "variance": "keras"}
+        return cls(num_features, **{**options, **kwargs})
 
     def reset_running_stats(self) -> None:
         """Set ``running_mean`` to 0, ``running_var`` to 1 and the batch counter to 0."""
@@ -222,6 +262,7 @@ class Unitization(nn.Module):
             factor,
             self.eps,
             self.norm,
+            self.variance,
         )
 
     def extra_repr(self) -> str:
@@ -231,6 +272,7 @@ class Unitization(nn.Module):
             f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
             f"norm={self.norm!r}, alpha_init={self.alpha_init}, "
             f"clamp_alpha={self.clamp_alpha}, learn_alpha={self.learn_alpha}"
+            + ("" if self.variance == "biased" else f", variance={self.variance!r}")
         )
 
 
