@@ -110,6 +110,7 @@ def resolution(
     view: str,
     row_norms: Sequence[torch.Tensor] | None = None,
     sketch: tuple[Sequence[torch.dtype], float, int] | None = None,
+    scale_e: int = 0,
 ) -> float:
     """The storage resolution of one (layer, view): see the module docstring.
 
@@ -130,6 +131,10 @@ def resolution(
         of ``x`` moves ``v`` by at most ``||e|| <= u ||x|| + a sqrt(d)``; ``||x||`` is
         estimated by ``scale ||v||`` (within the sketch's stated error: this part is an
         estimate, the rest a bound).
+    scale_e : int
+        The samples are the stored values times ``2^-scale_e`` (a layer at an extreme
+        scale, :mod:`ics_toolkit._scaling`): the relative part of the bound is scaled
+        back by ``2^scale_e``, the absolute (subnormal) part is in the stored units.
 
     Returns
     -------
@@ -145,13 +150,13 @@ def resolution(
         n, d = int(v.shape[0]), int(v.shape[1])
         if view == "channel":
             # per column k: mean_i |v_ik|; the largest column bounds every column's W1
-            size = float(v.abs().mean(dim=0, dtype=torch.float64).max())
+            size = math.ldexp(float(v.abs().mean(dim=0, dtype=torch.float64).max()), scale_e)
             total += u * size * (1 + _norm_error(n, torch.float64)) + a
             continue
         norms = row_norms[i] if row_norms is not None else torch.linalg.vector_norm(v, dim=1)
         if _norm_error(d, norms.dtype) > 0.5:  # too wide for the a priori bound: float64
             norms = torch.linalg.vector_norm(v.double(), dim=1)
         grows = _norm_error(d, norms.dtype) + _norm_error(n, torch.float64)
-        mean = float(norms.double().sum()) / n * (1 + grows)
+        mean = math.ldexp(float(norms.double().sum()) / n * (1 + grows), scale_e)
         total += (u + u_pre * scale) * mean + a * math.sqrt(d) + a_pre * math.sqrt(width)
     return total

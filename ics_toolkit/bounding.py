@@ -35,7 +35,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from ics_toolkit import _checks, _vocab
+from ics_toolkit import _checks, _scaling, _vocab
 from ics_toolkit._arrays import ArrayLike, as_pair, as_samples, to_tensor
 from ics_toolkit.errors import ICSValueError
 
@@ -553,7 +553,15 @@ def bounds(
         if norms[0].form == "unitization":
             _check_unitized(tx, norms[0], "x", rtol)
             _check_unitized(ty, norms[1], "y", rtol)
-    return _bounds(tx, ty, norms, n_projections, seed, coordinate_axes=coordinate_axes)
+    # extreme scales: the sample bounds on x, y times 2^-e, scaled back (exact); the
+    # normalization bounds come from the NormStates, not from x and y
+    e = _scaling.exponent(tx, ty)
+    x_s, y_s = _scaling.scale(tx, e), _scaling.scale(ty, e)
+    out = _bounds(x_s, y_s, norms, n_projections, seed, coordinate_axes=coordinate_axes)
+    for key in (*_vocab.THEORY_LOWER, "U1", "U2"):
+        if key in out:
+            out[key] = _scaling.unscale(out[key], e, key)
+    return out
 
 
 def _lower(

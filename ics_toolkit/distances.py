@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ics_toolkit import _checks, _entropic, _sliced, _vocab
+from ics_toolkit import _checks, _entropic, _scaling, _sliced, _vocab
 from ics_toolkit._arrays import ArrayLike, as_pair, as_samples, check_finite_values, to_tensor
 from ics_toolkit._pot import import_ot
 from ics_toolkit.errors import ICSTypeError, ICSValueError, SolverError
@@ -195,6 +195,33 @@ def _convert_pair(
     elif y_is_t and not x_is_t:
         x = to_tensor(x, names[0]).to(y.device)
     return as_pair(x, y, names=names, dtype=dtype, check_finite=check_finite)
+
+
+#: Log entries that are lengths (in the samples' units): rescaled with the value.
+_LOG_LENGTHS = ("per_direction", "std_error", "lower", "upper", "reg_absolute", "diameter")
+
+
+def _to_safe_scale(
+    x: ArrayLike, y: ArrayLike, names: tuple[str, str]
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Both samples as tensors times one power of two ``2^-e`` (:mod:`._scaling`), and e."""
+    tx, ty = _convert_pair(x, y, names, dtype=None, check_finite=False)
+    e = _scaling.exponent(tx, ty)
+    return _scaling.scale(tx, e), _scaling.scale(ty, e), e
+
+
+def _from_safe_scale(
+    value: Value, info: dict[str, Any], e: int, method: str
+) -> tuple[Value, dict[str, Any]]:
+    """The value and the log's lengths of samples scaled by ``2^-e``, in the samples' units."""
+    if e == 0:
+        return value, info
+    value = _scaling.unscale(value, e, f"`{method}` distance")
+    for key in (*_LOG_LENGTHS, "ci_low", "ci_high"):
+        if info.get(key) is not None:
+            info[key] = _scaling.unscale(info[key], e, f"log entry {key!r}")
+    info["rescaled_by"] = f"2^{-e}"
+    return value, info
 
 
 def _raise_non_finite(
@@ -526,13 +553,23 @@ def _emd(ot: Any, cost: np.ndarray, opts: Mapping[str, Any]) -> tuple[float, Any
     """POT's network simplex on a float64 cost matrix, uniform weights: value, plan, log."""
     n, m = cost.shape
     num_iter = opts["numItermax"] or default_num_iter_max(n, m)
+    # the simplex compares reduced costs with an absolute tolerance (~2e-15): costs near
+    # it (samples at 1e-20) are ties to it, and W1 came out 11 % off. In units of a power
+    # of two near the largest cost the plan is the same, and the value exact
+    top = float(cost.max()) if cost.size else 0.0
+    e = math.frexp(top)[1] if 0.0 < top < math.inf else 0
     with warnings.catch_warnings():
         for message in _POT_EMD_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=UserWarning)
         plan, pot_log = ot.emd(
-            np.full(n, 1.0 / n), np.full(m, 1.0 / m), cost, numItermax=num_iter, log=True
+            np.full(n, 1.0 / n),
+            np.full(m, 1.0 / m),
+            _scaling.scale(cost, e) if e else cost,
+            numItermax=num_iter,
+            log=True,
         )
-    return float(pot_log["cost"]), plan, pot_log, num_iter  # cost: what ot.emd2 returns
+    # cost: what ot.emd2 returns
+    return _scaling.unscale(float(pot_log["cost"]), e, "exact W1"), plan, pot_log, num_iter
 
 
 def _raise_unsolved(shape: tuple[int, ...], status: str, num_iter: int, value: float) -> None:
@@ -835,6 +872,10 @@ def wasserstein(
     ``per_coordinate`` are lower bounds of it; ``paired`` is an upper bound;
     ``sinkhorn`` is a lower bound of it, within ``rtol`` (its log holds the interval).
 
+    Samples at any scale give the right value: outside a safe range both are multiplied
+    by one power of two (exact) and the result scaled back; a distance float64 cannot
+    hold raises (docs/theory.md section 5.2).
+
     .. warning::
        In high dimension the sliced values are far below W1. For d = 4096, n = 512,
        X ~ N(0, I) and Y = X + 0.1 N(0, I): exact = paired = 6.40 (every point moves
@@ -973,9 +1014,12 @@ def wasserstein(
     )
     if ci is not None:
         ci, ci_resamples = _check_ci(ci, ci_resamples, log)
-    value, info = _single(x, y, ("x", "y"), method, opts, n_projections, seed)
+    # extreme scales: computed on the samples times 2^-e, lengths scaled back (exact)
+    tx, ty, e = _to_safe_scale(x, y, ("x", "y"))
+    value, info = _single(tx, ty, ("x", "y"), method, opts, n_projections, seed)
     if ci is not None:
-        _add_interval(method, x, y, info, opts, n_projections, seed, ci, ci_resamples)
+        _add_interval(method, tx, ty, info, opts, n_projections, seed, ci, ci_resamples)
+    value, info = _from_safe_scale(value, info, e, method)
     return (value, info) if log else value
 
 
@@ -1095,17 +1139,19 @@ def wasserstein_many(
             raise ICSTypeError(f"`{label}` must be an (x, y) pair, got {type(item).__name__}")
         names.append((f"{label}[0]", f"{label}[1]"))
 
+    scaled = [_to_safe_scale(x, y, names[i]) for i, (x, y) in enumerate(items)]
     if method in _BATCHED:
-        converted = [
-            _convert_pair(x, y, names[i], dtype=None, check_finite=False)
-            for i, (x, y) in enumerate(items)
-        ]
+        converted = [(tx, ty) for tx, ty, _ in scaled]
         results = _many(method, converted, names, opts, n_projections, seed)
     else:
         results = [
-            _single(x, y, names[i], method, opts, n_projections, seed)
-            for i, (x, y) in enumerate(items)
+            _single(tx, ty, names[i], method, opts, n_projections, seed)
+            for i, (tx, ty, _) in enumerate(scaled)
         ]
+    results = [
+        _from_safe_scale(*r, e, method)  # type: ignore[misc]
+        for r, (_, _, e) in zip(results, scaled, strict=True)
+    ]
 
     values = [r[0] for r in results]  # type: ignore[index]
     logs = [r[1] for r in results]  # type: ignore[index]
@@ -1178,7 +1224,9 @@ def sampling_floor(
             f"`x` has {n} samples; sampling_floor splits it into two halves of at least "
             "2 samples each, so it needs at least 4"
         )
-    first, second = _halves(t, seed)
+    e = _scaling.exponent(t)
+    first, second = _halves(_scaling.scale(t, e), seed)
     value, info = _single(first, second, ("x", "x"), method, opts, n_projections, seed)
+    value, info = _from_safe_scale(value, info, e, method)
     info["half_size"] = n // 2
     return (value, info) if log else value

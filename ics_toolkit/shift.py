@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ics_toolkit import _checks, _resolution, _vocab, diagnostics
+from ics_toolkit import _checks, _resolution, _scaling, _vocab, diagnostics
 from ics_toolkit._norm_snapshot import NormSnapshot, norm_pair, norm_snapshot
 from ics_toolkit.bound_terms import bound_terms
 from ics_toolkit.bounding import (
@@ -305,11 +305,21 @@ def _measure_step(
                 if xv.dtype == torch.float32 and not _float32_safe(*g["norms"]):
                     # squared norms would overflow or underflow float32 (or a value is not
                     # finite: float64 tells which): this (layer, view) is analysed in float64
-                    g["x"], g["y"] = xv, yv = xv.double(), yv.double()
+                    # from the stored values: the float32 view may have flushed them
+                    xv = view(x, name, info, **opts).to(torch.float64)
+                    yv = view(y, name, info, **opts).to(torch.float64)
+                    g["x"], g["y"] = xv, yv
                     g["norms"] = (
                         torch.linalg.vector_norm(xv, dim=1),
                         torch.linalg.vector_norm(yv, dim=1),
                     )
+                e = 0
+                if g["x"].dtype == torch.float64 and not _scaling.safe_norms(*g["norms"]):
+                    e = _scaling.exponent(g["x"], g["y"])
+                if e:  # a float64 layer at an extreme scale: analysed times 2^-e (exact)
+                    g["x"], g["y"] = (_scaling.scale(t, e) for t in (g["x"], g["y"]))
+                    g["norms"] = tuple(torch.linalg.vector_norm(t, dim=1) for t in (g["x"], g["y"]))
+                    g["scale_e"] = e
                 g["rounding"] = _roundings(x.dtype, info, xv.dtype, key in before.sketched)
                 if name == covering:
                     x_ok = bool(torch.isfinite(g["norms"][0].sum()))
@@ -456,6 +466,8 @@ def _measure_groups(
                 1.0 if width is None else jl_scale(width, int(x.shape[1])),
             )
         )
+        if g.get("scale_e"):
+            _unscale_rows(g["rows"], g["scale_e"])
         _check_group(step, key, name, g, config)
 
 
@@ -483,7 +495,12 @@ def _resolution_row(g: dict[str, Any], name: str, width: int | None) -> dict[str
     if rounding["sketch"] is not None and width is not None:
         sketch = (rounding["sketch"], jl_scale(width, int(g["x"].shape[1])), width)
     value = _resolution.resolution(
-        (g["x"], g["y"]), rounding["dtypes"], name, g["norms"], sketch=sketch
+        (g["x"], g["y"]),
+        rounding["dtypes"],
+        name,
+        g["norms"],
+        sketch=sketch,
+        scale_e=g.get("scale_e", 0),
     )
     g["resolution"] = value
     return _row("stat", _vocab.RESOLUTION, value, wall_time_s=time.perf_counter() - start)
@@ -545,6 +562,35 @@ def _all_finite(t: torch.Tensor) -> bool:
     if t.dtype == torch.float64:
         return bool(torch.isfinite(t).all())
     return bool(torch.isfinite(t.sum(dtype=torch.float64)))
+
+
+#: Powers of length of the rows computed from a (layer, view)'s samples that are not
+#: plain lengths (the rest of those kinds are lengths, power 1).
+_ROW_POWERS = {
+    "drift_var": 2,
+    "drift_norm_var": 2,
+    "drift_m4": 4,
+    _vocab.IDENTITY_SHARE: 0,
+    _vocab.RESOLUTION: 0,  # computed in the stored units already (scale_e)
+}
+
+
+def _unscale_rows(rows: list[dict[str, Any]], e: int) -> None:
+    """Rows measured on samples times 2^-e, back in the samples' units (in place).
+
+    The normalization bounds and their terms come from the layer's normalized values
+    and parameters, not from the rescaled samples, and relative values are ratios:
+    those stay as they are.
+    """
+    for row in rows:
+        if row["kind"] in ("relative", "term") or row["quantity"] in _vocab.NORM_BOUNDS:
+            continue
+        power = _ROW_POWERS.get(row["quantity"], 1)
+        if power and math.isfinite(row["value"]):
+            try:
+                row["value"] = _scaling.unscale(row["value"], power * e, row["quantity"])
+            except ICSValueError as err:  # e.g. a variance of outputs near 1e-200: 1e-400
+                row["value"], row["warning"] = math.nan, str(err)
 
 
 def _row(kind: str, quantity: str, value: float, **extra: Any) -> dict[str, Any]:
