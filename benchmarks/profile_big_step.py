@@ -1,0 +1,80 @@
+"""Where one measured step of a large model goes, function by function (cProfile).
+
+Builds ResNet-50 (or ViT-B/16) from its ``transformers`` config (no download), attaches
+the default ICSMonitor with a probe of ``--probe`` 224x224 images, times a plain training
+step and a no-grad forward of the probe, then profiles one measured training step (the
+training step itself, the two probe passes with their capture hooks, the analysis) and
+prints the functions with the most time of their own. A warm-up measured step first, so
+that one-time costs (the random directions' draw, allocator growth) are not counted.
+
+Usage::
+
+    python benchmarks/profile_big_step.py                       # ResNet-50, probe 64
+    python benchmarks/profile_big_step.py --model vit --probe 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+import warnings
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("resnet50", "vit"), default="resnet50")
+    parser.add_argument("--probe", type=int, default=64)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+
+    import transformers as tf
+
+    import ics_toolkit as ics
+
+    torch.manual_seed(0)
+    if args.model == "resnet50":
+        model = tf.ResNetForImageClassification(tf.ResNetConfig(num_labels=10))
+    else:
+        model = tf.ViTForImageClassification(tf.ViTConfig(num_labels=10))
+    model.train()
+    gen = torch.Generator().manual_seed(1)
+    n = args.probe
+    probe = torch.randn(n, 3, 224, 224, generator=gen)
+    images = torch.randn(n, 3, 224, 224, generator=gen)
+    labels = torch.randint(0, 10, (n,), generator=gen)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        monitor = ics.ICSMonitor(model, probe, every=lambda s: s % 2 == 1, seed=0)
+    monitor.attach(opt)
+
+    def step() -> float:
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        out = model(pixel_values=images).logits
+        torch.nn.functional.cross_entropy(out, labels).backward()
+        opt.step()
+        return time.perf_counter() - start
+
+    step()  # step 0, not measured: warm-up
+    step()  # step 1, measured: the one-time costs
+    print(f"plain training step {step():.2f} s")  # step 2, not measured
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(pixel_values=probe)
+        print(f"no-grad forward of the probe {time.perf_counter() - start:.2f} s")
+    profile = cProfile.Profile()
+    profile.enable()
+    seconds = step()  # step 3, measured
+    profile.disable()
+    monitor.detach()
+    print(f"measured training step {seconds:.2f} s")
+    pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
+
+
+if __name__ == "__main__":
+    main()
