@@ -33,6 +33,17 @@ def ics_pair(n: int, d: int, step: float, seed: int, m: int | None = None):
     return x, y
 
 
+def problem(x, y):
+    """The Euclidean cost matrix of x and y, and their uniform weights."""
+    cost = torch.cdist(x, y)
+    n, m = cost.shape
+    return (
+        cost,
+        torch.full((n,), 1 / n, dtype=cost.dtype),
+        torch.full((m,), 1 / m, dtype=cost.dtype),
+    )
+
+
 def check(x, y, rtol=RTOL):
     exact = wasserstein(x, y, "exact")
     value, log = wasserstein(x, y, "sinkhorn", log=True, rtol=rtol)
@@ -110,12 +121,8 @@ def test_the_bounds_hold_for_any_potentials():
     # weak duality and feasibility do not depend on convergence: random potentials
     x, y = ics_pair(50, 3, 0.5, seed=12, m=40)
     exact = wasserstein(x, y, "exact")
-    cost = torch.cdist(x, y)
+    cost, a, b = problem(x, y)
     n, m = cost.shape
-    a, b = (
-        torch.full((n,), 1 / n, dtype=torch.float64),
-        torch.full((m,), 1 / m, dtype=torch.float64),
-    )
     buf = torch.empty_like(cost)
     gen = torch.Generator().manual_seed(13)
     for _ in range(5):
@@ -157,12 +164,8 @@ def test_the_upper_bound_is_a_feasible_coupling_when_a_column_overflows():
     y = x + 10.0
     y[0] = x.mean(0)
     exact = wasserstein(x, y, "exact")
-    cost = torch.cdist(x, y)
+    cost, a, b = problem(x, y)
     n, m = cost.shape
-    a, b = (
-        torch.full((n,), 1 / n, dtype=torch.float64),
-        torch.full((m,), 1 / m, dtype=torch.float64),
-    )
     f, g = torch.zeros(n, dtype=torch.float64), torch.zeros(m, dtype=torch.float64)
     g[0] = 100.0
     upper = _entropic.plan_bound(cost, f, g, 1.0, a, b, torch.empty_like(cost))
