@@ -67,8 +67,8 @@ THEORY_LOWER: tuple[str, ...] = ("L1", "L2", "L3")
 THEORY_UPPER: tuple[str, ...] = ("U1", "U2", "U3", "U3_tight", "U4", "U5")
 
 #: Quantities that must not exceed W1 (the methods sliced and max_sliced are lower
-#: bounds too).
-LOWER_BOUNDS: tuple[str, ...] = (*THEORY_LOWER, "sliced", "max_sliced")
+#: bounds too, and sinkhorn returns the lower end of its certified interval).
+LOWER_BOUNDS: tuple[str, ...] = (*THEORY_LOWER, "sliced", "max_sliced", "sinkhorn")
 #: Quantities that must not fall below W1 (``paired`` is U1 under its method name).
 UPPER_BOUNDS: tuple[str, ...] = ("paired", *THEORY_UPPER)
 

@@ -14,7 +14,7 @@ option asks otherwise.
 Methods, and the order they obey on the same samples (up to float error, see
 :data:`ORDER_RTOL`)::
 
-    sliced <= max_sliced <= exact <= paired
+    sliced <= max_sliced <= exact <= paired,   sinkhorn <= exact <= (1 + rtol) sinkhorn
 
 ``exact``
     The empirical W1, solved as a transport problem by POT's network simplex

@@ -173,3 +173,36 @@ def test_the_upper_bound_is_a_feasible_coupling_when_a_column_overflows():
     # and the dual side: the double c-transform of any f is feasible
     f = torch.randn(n, generator=gen, dtype=torch.float64)
     assert _entropic.dual_bound(cost, f, a, b, torch.empty_like(cost)) <= exact + 1e-12
+
+
+def test_the_monitor_checks_sinkhorn_below_exact():
+    # a monitored run with sinkhorn among the methods: its value is a lower bound of
+    # exact, within rtol, and the order check (LOWER_BOUNDS) holds on every row
+    import warnings
+
+    import ics_toolkit as ics
+    from ics_toolkit import _vocab
+    from ics_toolkit.models import SmallCNN
+
+    assert "sinkhorn" in _vocab.LOWER_BOUNDS
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 3, 16, 16, generator=gen), torch.randint(0, 10, (96,), generator=gen)
+    model = SmallCNN(3, 10, width=8, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    methods = ("exact", "sinkhorn")
+    monitor = ics.ICSMonitor(model, x[:48], every=1, methods=methods).attach(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ics.ICSWarning)
+        for _ in range(2):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    monitor.detach()
+    df = monitor.results()
+    wide = df[df.quantity.isin(methods)].pivot_table(
+        index=["step", "layer"], columns="quantity", values="value"
+    )
+    assert len(wide) >= 10
+    assert ((wide.exact - wide.sinkhorn) <= RTOL * wide.exact + 1e-9).all()
+    assert (wide.sinkhorn <= wide.exact * (1 + 1e-5)).all()
+    assert df[df.kind != "event"].bounds_hold.dropna().all()
