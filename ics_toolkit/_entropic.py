@@ -1,10 +1,10 @@
 r"""The kernel of ``method="sinkhorn"``: entropic W1 with a certified interval.
 
 Everything here works on one checked float64 cost matrix ``C`` (n, m), ``C_ij =
-||x_i - y_j||``, on any device, in torch only (no POT, no host round trip but one
-scalar per iteration). The documented entry point is
-:func:`ics_toolkit.distances.wasserstein`; docs/theory.md derives the bounds and
-docs/benchmarks.md ("Sinkhorn") measures the design choices.
+||x_i - y_j||``, on any device, in torch only (no POT; the host sees one scalar per
+iteration and the n + m potentials once per stage, for the bounds' exact sums). The
+documented entry point is :func:`ics_toolkit.distances.wasserstein`; docs/theory.md
+derives the bounds and docs/benchmarks.md ("Sinkhorn") measures the design choices.
 
 The entropic problem at regularization ``eps`` with uniform weights ``a``, ``b``::
 
@@ -37,13 +37,20 @@ for *any* potentials and plans, computed in O(n m):
     Algorithm 2), and, when n == m, the matching ``i -> argmax_j P_ij`` when it is a
     permutation.
 
-The annealing stops once ``upper - lower <= rtol * lower`` (or below 1e-13 of the
-diameter: W1 = 0); the value returned is ``lower``, so it is within ``rtol`` of W1 by
-construction. eps never goes below ``reg * lower`` (the W1 scale, not the mean cost;
-by default ``rtol / log(n m)``, where the entropic plan's excess cost is about
-``rtol``); there the stages tighten their marginal target instead. Bounds are
-certified up to float64 rounding of O(n m) sums (relative 1e-15 of the cost's
-diameter).
+Both bounds carry their own float64 rounding allowance (:func:`dual_bound`,
+:func:`plan_bound`): they bound the W1 of the cost matrix as computed, whatever the
+summation order of the device. The dual's is a few units of roundoff of the diameter
+(its sums are taken exactly, with ``math.fsum``); the rounded plan's grows like
+(n + m) units of roundoff of the diameter, the matching's is relative to its cost.
+
+The annealing stops once ``upper - lower <= rtol * lower``; the value returned is
+``lower``, so it is within ``rtol`` of W1 and below it by construction. eps never goes
+below ``reg * lower`` (the W1 scale, not the mean cost; by default ``rtol / log(n m)``,
+where the entropic plan's excess cost is about ``rtol``); there the stages tighten
+their marginal target instead. A W1 so far below the diameter (about 1e-13 of it or
+less) that the rounding allowances alone are wider than ``rtol`` cannot be certified:
+the run stops with ``resolved=False`` instead of returning a value that may be off.
+W1 = 0 (the same samples) is recognised by the caller (:func:`same_samples`).
 """
 
 from __future__ import annotations
@@ -68,10 +75,8 @@ _EXP_FLOOR = -60.0
 # (f + g - C) / eps would carry more float64 rounding than signal.
 _EPS_MIN = 1e-13
 
-# Width of the interval, relative to the cost's diameter, that counts as closed whatever
-# W1 is: the bounds are sums of O(n m) float64 terms, exact to about this (W1 = 0, the
-# same samples in another order, is certified by it).
-_ABS_WIDTH = 1e-13
+# float64's unit roundoff: every rounding allowance below is a multiple of it.
+_U = 2.0**-53
 
 
 @dataclass
@@ -85,6 +90,8 @@ class EntropicResult:
     n_stages: int
     marginal_error: float
     converged: bool  # the interval reached the requested relative width
+    resolved: bool = True  # False: float64 rounding alone is wider than rtol of W1
+    rounding: float = 0.0  # the rounding allowances inside [lower, upper]
 
 
 def soft_min(
@@ -102,13 +109,27 @@ def soft_min(
     return -eps * (top.squeeze(dim) + buf.sum(dim).log())
 
 
-def dual_bound(
-    cost: torch.Tensor, f: torch.Tensor, a: torch.Tensor, b: torch.Tensor, buf: torch.Tensor
-) -> float:
-    """``<a, f'> + <b, g>`` for the double c-transform of ``f``: a lower bound of W1."""
+def dual_bound(cost: torch.Tensor, f: torch.Tensor, buf: torch.Tensor) -> tuple[float, float]:
+    """A lower bound of W1 from the double c-transform of ``f``, and its rounding allowance.
+
+    ``cost`` holds values in [0, 1] (units of the diameter), uniform weights. ``g_j =
+    min_i C_ij - f_i`` is shifted to the centre of its range (which is at most 1: g is
+    c-concave), then ``f'_i = min_j C_ij - g_j``. Each computed ``C_ij - g_j`` is exact
+    to ``u (1 + max|g|)`` (u = 2^-53), so ``f' - u (1 + max|g|)`` and ``g`` are
+    feasible for the dual and their mean values bound W1 from below (weak duality). The
+    means are exactly rounded sums (``math.fsum``) divided by n and m, to ``2.01 u``
+    relative each, and the last addition rounds once more: the value returned is the
+    computed mean minus ``2u (1 + 2 (max|f'| + max|g|) + |value|)``, which covers all
+    of it whatever the device's own summation order.
+    """
+    n, m = cost.shape
     g = torch.sub(cost, f[:, None], out=buf).amin(0)
+    g = g - 0.5 * (g.amax() + g.amin())
     f2 = torch.sub(cost, g[None, :], out=buf).amin(1)
-    return float(a @ f2 + b @ g)
+    value = math.fsum(f2.tolist()) / n + math.fsum(g.tolist()) / m
+    big = float(f2.abs().max()) + float(g.abs().max())
+    slack = 2 * _U * (1 + 2 * big + abs(value))
+    return value - slack, slack
 
 
 def plan_bound(
@@ -119,24 +140,44 @@ def plan_bound(
     a: torch.Tensor,
     b: torch.Tensor,
     buf: torch.Tensor,
-) -> float:
-    """The cost of a feasible coupling built from the plan of (f, g): an upper bound."""
-    best = math.inf
+) -> tuple[float, float]:
+    """An upper bound of W1: a feasible coupling's cost from (f, g), and its allowance.
+
+    ``cost`` in [0, 1] (units of the diameter). Two couplings, the cheaper wins:
+
+    * n == m and the plan's row-wise argmax is a permutation: its mean cost, an exactly
+      rounded sum (``math.fsum``) over n, within ``3 u`` of its value (relative).
+    * the entropic plan rounded onto the marginals: rows scaled down to at most ``a``,
+      then columns to at most ``b``, and the deficits ``r``, ``s`` (clamped at 0, they
+      are only negative by rounding) sent by ``r s^T / max(sum r, sum s)``. Every entry
+      is >= 0 and its marginals miss ``a`` and ``b`` only by the rounding of O(n + m)
+      sums, at most ``2 (n + m + 8) u`` in L1; moving that mass costs at most twice
+      it (costs are <= 1), and the n m-term dot product rounds by ``(n m + 4) u``
+      relative: allowance ``8 (n + m + 8) u + (n m + 4) u value`` (the factor 2 again
+      as margin).
+    """
+    best, best_slack = math.inf, 0.0
     n, m = cost.shape
     if n == m:  # the plan's row-wise argmax, when it is a permutation
         j = torch.sub(g[None, :], cost, out=buf).argmax(1)
         if bool((torch.bincount(j, minlength=m) == 1).all()):
-            best = float(cost.gather(1, j[:, None]).sum()) / n
+            value = math.fsum(cost.gather(1, j[:, None]).view(-1).tolist()) / n
+            best_slack = 3 * _U * value
+            best = value + best_slack
     plan = torch.sub(f[:, None] + g[None, :], cost, out=buf)
     plan.div_(eps).exp_().mul_(a[:, None]).mul_(b[None, :])
     plan.mul_(torch.clamp(a / plan.sum(1), max=1.0)[:, None])
     plan.mul_(torch.clamp(b / plan.sum(0), max=1.0)[None, :])
-    row_gap, col_gap = a - plan.sum(1), b - plan.sum(0)
+    row_gap = (a - plan.sum(1)).clamp_(min=0.0)
+    col_gap = (b - plan.sum(0)).clamp_(min=0.0)
     value = float(torch.dot(plan.view(-1), cost.reshape(-1)))
-    missing = float(row_gap.sum())
-    if missing > 0:  # the deficits' product coupling, of mass `missing`
+    missing = max(float(row_gap.sum()), float(col_gap.sum()))
+    if missing > 0:  # the deficits' product coupling
         value += float(row_gap @ cost @ col_gap) / missing
-    return min(best, value)
+    slack = 8 * (n + m + 8) * _U + (n * m + 4) * _U * value
+    if value + slack < best:
+        best, best_slack = value + slack, slack
+    return best, best_slack
 
 
 def _stage(
@@ -167,18 +208,16 @@ def _stage(
 
 
 def same_samples(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Whether (n, d) ``x`` and ``y`` hold the same rows with the same multiplicities.
+    """Whether ``x`` (n, d) and ``y`` (m, d) are the same distribution: W1 = 0 exactly.
 
-    Then W1 = 0 exactly. The bounds below cannot certify it when rows repeat: ties make
-    the plan's row-wise argmax no permutation, and the rounded plan's cost only tends
-    to 0.
+    The same rows, each with the same share of its sample (``count_x / n == count_y /
+    m``; n and m may differ). The bounds cannot certify W1 = 0 to a relative ``rtol``:
+    the caller returns 0 without solving.
     """
-    if x.shape != y.shape:
-        return False
     rows_x, count_x = torch.unique(x, dim=0, return_counts=True)
     rows_y, count_y = torch.unique(y, dim=0, return_counts=True)
     return rows_x.shape == rows_y.shape and bool(
-        torch.equal(rows_x, rows_y) and torch.equal(count_x, count_y)
+        torch.equal(rows_x, rows_y) and torch.equal(count_x * y.shape[0], count_y * x.shape[0])
     )
 
 
@@ -204,17 +243,24 @@ def certified_w1(
     log_a, log_b = a.log(), b.log()
     buf = torch.empty_like(cost)
     f = torch.zeros(n, **opts)
-    lower, upper = dual_bound(cost, f, a, b, buf), math.inf
+    (lower, low_slack), (upper, up_slack) = dual_bound(cost, f, buf), (math.inf, 0.0)
     eps, target, n_iter, n_stages, error = 1.0, STAGE_MARGINAL_ERROR, 0, 0, math.inf
+    closed, resolved = False, True
     while n_iter < max_iter:
         f, done, error = _stage(cost, f, log_a, log_b, eps, target, max_iter - n_iter, buf)
         n_iter, n_stages = n_iter + done, n_stages + 1
-        lower = max(lower, dual_bound(cost, f, a, b, buf))
+        lower, low_slack = max((lower, low_slack), dual_bound(cost, f, buf))
         floor = max(reg * lower, _EPS_MIN)
         if eps <= max(lower, floor):  # the plan resolves the W1 scale: try to close
             g = soft_min(cost, log_a + f / eps, eps, buf, 0)
-            upper = min(upper, plan_bound(cost, f, g, eps, a, b, buf))
-            if upper - lower <= rtol * lower + _ABS_WIDTH:
+            upper, up_slack = min((upper, up_slack), plan_bound(cost, f, g, eps, a, b, buf))
+            closed = upper - lower <= rtol * lower
+            if closed:
+                break
+            # at the smallest eps the width left is the rounding's: W1 is below what
+            # float64 resolves at this rtol, and more iterations cannot change that
+            if eps <= floor and low_slack + up_slack >= rtol * upper:
+                resolved = False
                 break
         if eps > floor:
             eps = max(eps * scaling, floor)
@@ -222,13 +268,18 @@ def certified_w1(
             target = max(target * 0.25, 1e-15)
     if math.isinf(upper):
         g = soft_min(cost, log_a + f / eps, eps, buf, 0)
-        upper = plan_bound(cost, f, g, eps, a, b, buf)
+        upper, up_slack = plan_bound(cost, f, g, eps, a, b, buf)
+    # back to the samples' units: the cost was divided by the diameter (one rounding
+    # per entry, relative u on W1) and the product rounds once more
+    lower, upper = lower * diameter, upper * diameter
     return EntropicResult(
-        lower=lower * diameter,
-        upper=upper * diameter,
+        lower=lower - 3 * _U * abs(lower),
+        upper=upper + 3 * _U * upper,
         eps=eps * diameter,
         n_iter=n_iter,
         n_stages=n_stages,
         marginal_error=error,
-        converged=upper - lower <= rtol * lower + _ABS_WIDTH,
+        converged=closed,
+        resolved=resolved,
+        rounding=(low_slack + up_slack) * diameter,
     )

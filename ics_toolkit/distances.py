@@ -617,7 +617,7 @@ def _sinkhorn(
     info["diameter"] = diameter
     if diameter == 0.0 or _entropic.same_samples(tx, ty):  # W1 = 0, nothing to solve
         info.update(lower=0.0, upper=0.0, reg_absolute=0.0, status="converged", niter=0)
-        info.update(stages=0, marginal_error=0.0)
+        info.update(stages=0, marginal_error=0.0, rounding=0.0)
         return 0.0, info
     run = _entropic.certified_w1(
         cost,
@@ -626,7 +626,10 @@ def _sinkhorn(
         scaling=opts["scaling"],
         max_iter=opts["numItermax"],
     )
-    status = "converged" if run.converged else "max_iter_reached"
+    if run.converged:
+        status = "converged"
+    else:
+        status = "max_iter_reached" if run.resolved else "unresolved"
     info.update(
         lower=run.lower,
         upper=run.upper,
@@ -635,14 +638,26 @@ def _sinkhorn(
         niter=run.n_iter,
         stages=run.n_stages,
         marginal_error=run.marginal_error,
+        rounding=run.rounding,
     )
     if not run.converged and opts["on_failure"] == "raise":
+        if run.resolved:
+            why = (
+                f"after numItermax={opts['numItermax']} iterations W1 is only known to lie "
+                f"in [{run.lower:.6g}, {run.upper:.6g}], wider than rtol={opts['rtol']:g}"
+            )
+            fix = "Raise numItermax or rtol, use method='exact'"
+        else:
+            why = (
+                f"W1 lies in [{run.lower:.6g}, {run.upper:.6g}], which float64 cannot narrow "
+                f"to rtol={opts['rtol']:g}: W1 is too small against the largest distance "
+                f"{diameter:.3g} (the interval's rounding allowance alone is "
+                f"{run.rounding:.3g})"
+            )
+            fix = "Raise rtol, use method='exact'"
         raise SolverError(
-            f"sinkhorn on {n} x {m} samples: after numItermax={opts['numItermax']} "
-            f"iterations W1 is only known to lie in [{run.lower:.6g}, {run.upper:.6g}], "
-            f"wider than rtol={opts['rtol']:g}; its value {run.lower:.6g} (the lower end) "
-            "must not be taken as W1. Raise numItermax or rtol, use method='exact', or "
-            "pass on_failure='flag' with log=True",
+            f"sinkhorn on {n} x {m} samples: {why}; its value {run.lower:.6g} (the lower "
+            f"end) must not be taken as W1. {fix}, or pass on_failure='flag' with log=True",
             value=run.lower,
             status=status,
         )
@@ -934,9 +949,13 @@ def wasserstein(
             successive eps), ``numItermax`` (default 10000 Sinkhorn iterations),
             ``on_failure`` and ``memory_limit`` as for ``exact``. Not closing the
             interval in ``numItermax`` counts as a failure (the error gives the
-            interval). The cost matrix is computed in the samples' dtype, the
-            iterations in float64. Measured (benchmarks/sinkhorn.py): at most
-            7.8e-6 from ``exact`` on ICS-like pairs.
+            interval), and so does a W1 so small against the largest distance
+            (about 1e-13 of it) that float64 rounding alone keeps the interval wider
+            than ``rtol`` (status ``"unresolved"``: use ``exact``). Both bounds
+            include their float64 rounding allowance (log key ``rounding``). The
+            cost matrix is computed in the samples' dtype, the iterations in
+            float64. Measured (benchmarks/sinkhorn.py): at most 7.8e-6 from
+            ``exact`` on ICS-like pairs, never above it.
         ``"per_coordinate"``
             The exact 1-D W1 of each column (the per-channel view), the same as
             ``scipy.stats.wasserstein_distance`` column by column; returns a
@@ -956,7 +975,9 @@ def wasserstein(
         values, ddof = 1, over sqrt(L)) for sliced; ``argmax`` for max_sliced;
         ``lower`` and ``upper`` (the certified interval around W1),
         ``reg_absolute`` (the last eps), ``stages``, ``niter``, ``marginal_error``,
-        ``diameter``, ``status`` for sinkhorn). For ``exact`` with
+        ``diameter``, ``rounding`` (the float64 rounding allowance inside the
+        interval), ``status`` (``"converged"``, ``"max_iter_reached"`` or
+        ``"unresolved"``) for sinkhorn). For ``exact`` with
         n == m also ``identity_share``: the mass the optimal plan keeps on the pairs
         (i, i), in [0, 1]. 1 means the same-row coupling is optimal (exact = paired:
         the step moved every point less than the gaps between points); 0 for a

@@ -48,7 +48,8 @@ class SolverError(ICSError, RuntimeError):
         The value the solver returned, which must not be trusted as W1.
     status : str
         The solver's status (for POT ``emd2``: ``"max_iter_reached"``,
-        ``"infeasible"`` or ``"unbounded"``).
+        ``"infeasible"`` or ``"unbounded"``; for sinkhorn ``"max_iter_reached"`` or
+        ``"unresolved"``).
     """
 
     def __init__(self, message: str, *, value: float = float("nan"), status: str = "") -> None:

@@ -262,15 +262,14 @@ class ICSMonitor:
     Notes
     -----
     *Device placement.* Captures are stored on the model's device and every estimator
-    but two runs there:
+    but one runs there:
     the views, the moments, ``paired``, ``sliced``, ``max_sliced``,
-    ``per_coordinate``, the floors of these, the bounds and the sketch. ``exact``
-    builds its cost matrix on the device and hands it to POT's CPU solver;
-    ``sinkhorn`` runs POT's torch backend on the device. Only those matrices and the
-    final numbers (Python floats in the results table) reach the CPU. Under
-    ``torch.autocast`` the probe passes run as the training forward does (e.g.
-    bfloat16 activations), are stored in ``capture_dtype`` and analysed in float64
-    with autocast disabled.
+    ``per_coordinate``, ``sinkhorn`` (a torch kernel), the floors of these, the bounds
+    and the sketch. ``exact`` builds its cost matrix on the device and hands it to
+    POT's CPU solver. Only that matrix and the final numbers (Python floats in the
+    results table) reach the CPU. Under ``torch.autocast`` the probe passes run as
+    the training forward does (e.g. bfloat16 activations), are stored in
+    ``capture_dtype`` and analysed in float64 with autocast disabled.
 
     *Lifetime.* :meth:`attach` returns the monitor, and the optimizer's hooks hold
     it: ``ICSMonitor(model, probe, path=...).attach(optimizer)`` keeps measuring
