@@ -23,6 +23,17 @@ if TYPE_CHECKING:
 __all__ = ["Unitization", "Unitization1d", "Unitization2d", "Unitization3d"]
 
 
+def _debiased_weight(momentum: float, t: int) -> float:
+    """Weight of the t-th statistic in a zero-debiased average: m / (1 - (1 - m)**t).
+
+    Equal to TensorFlow's ``biased_t / (1 - (1 - m)**t)`` with ``biased`` a zero-started
+    average; its limit 1 / t (a cumulative average) at ``m = 0``.
+    """
+    if momentum == 0.0:
+        return 1.0 / t
+    return momentum / -math.expm1(t * math.log1p(-momentum))  # no cancellation at small m
+
+
 class Unitization(nn.Module):
     r"""BatchNorm with a trainable, per-channel share of unitized (norm-divided) output.
 
@@ -41,6 +52,19 @@ class Unitization(nn.Module):
     the layer is BatchNorm; with ``alpha = 1`` each sample's output before ``beta`` has
     norm ``|gamma| k`` (for a channel-constant ``gamma``), which is what bounds its
     internal covariate shift by ``2 |alpha| k`` (theory U4/U5).
+
+    **The authors' exact layer.** Their published Keras layer is not torch's BatchNorm
+    even at ``alpha = 0``: in training mode it normalizes by the biased batch variance
+    times ``M / (M - 1 - eps)`` (M = values per channel, N times the spatial positions;
+    Keras' stock BatchNormalization applies that factor to its moving variance only),
+    with Keras' ``epsilon=1e-3`` and ``momentum=0.99``, which weighs the *old* running
+    value (``r <- 0.99 r + 0.01 batch``, torch's ``momentum=0.01``). ``Unitization.keras(C,
+    alpha_init=0.0)`` (or ``Unitization2d.keras``, ...) builds it, i.e. ``variance="keras",
+    eps=1e-3, momentum=0.01``; its running variance averages the corrected variance and
+    eval mode normalizes by the running statistics, as Keras does. The default
+    (``variance="biased"``, eps 1e-5, momentum 0.1) keeps ``alpha = 0`` equal to
+    ``nn.BatchNorm``. Keras 2.1.3 to 2.2.5 also debiased the running averages: add
+    ``zero_debias=True`` for that.
 
     Parameters
     ----------
@@ -77,7 +101,18 @@ class Unitization(nn.Module):
         (M = values per channel in the batch,
         :func:`~ics_toolkit.nn.functional.keras_correction`); the running variance then
         averages that corrected variance. Eval mode is the same for both (running
-        statistics). :meth:`keras` builds the authors' layer with their defaults.
+        statistics; without them, the batch statistics as in training, corrected for
+        ``"keras"``). :meth:`keras` builds the authors' layer with their defaults.
+    zero_debias : bool
+        Debias the running statistics as Adam debiases its moments (TensorFlow's
+        ``assign_moving_average(..., zero_debias=True)``, which standalone Keras 2.1.3
+        to 2.2.5 call in ``keras.backend.moving_average_update``, the update of Keras'
+        BatchNormalization and of the authors' layer): after ``t`` updates the
+        running value is the zero-started average divided by ``1 - (1 - momentum)**t``,
+        i.e. the update weight is ``momentum / (1 - (1 - momentum)**t)`` (1 at the
+        first step, so the initial 0 / 1 are forgotten at once). False (default): the
+        plain average, as torch and Keras 2.0 to 2.1.2 and from 2.3 on. Needs a
+        ``momentum``; training-mode outputs do not depend on it.
     device, dtype
         Factory arguments for the parameters and buffers.
 
@@ -125,6 +160,7 @@ class Unitization(nn.Module):
         clamp_alpha: bool = False,
         learn_alpha: bool = True,
         variance: str = "biased",
+        zero_debias: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -135,6 +171,12 @@ class Unitization(nn.Module):
                 f"see Unitization.keras), got {variance!r}"
             )
         self.variance = str(variance)
+        if zero_debias and momentum is None:
+            raise ICSValueError(
+                "`zero_debias=True` needs a `momentum`: momentum=None is a cumulative "
+                "average, already unbiased"
+            )
+        self.zero_debias = bool(zero_debias)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ICSValueError(f"`num_features` must be a positive int, got {num_features!r}")
         if not (isinstance(eps, (int, float)) and eps > 0):
@@ -186,8 +228,12 @@ class Unitization(nn.Module):
         ``variance="keras"`` (the batch variance times ``M / (M - 1 - eps)``), Keras'
         ``epsilon=1e-3`` and ``momentum=0.99``. Keras weighs the *old* running value by
         its momentum (``r <- 0.99 r + 0.01 batch``), torch the *new* batch statistic,
-        so Keras' 0.99 is torch's ``momentum=0.01``. Any other argument (``alpha_init``,
-        ``norm``, ...) as for the constructor; the ones above can be overridden too.
+        so Keras' 0.99 is torch's ``momentum=0.01``. The running variance averages the
+        corrected variance (what Keras' ``moving_variance`` averages) and eval mode
+        normalizes by the running statistics. ``zero_debias=True`` adds the debiased
+        running averages of standalone Keras 2.1.3 to 2.2.5. Any other argument
+        (``alpha_init``, ``norm``, ...) as for the constructor; the ones above can be
+        overridden too.
 
         Examples
         --------
@@ -249,6 +295,8 @@ class Unitization(nn.Module):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 factor = 1.0 / float(self.num_batches_tracked)
+            elif self.zero_debias:  # Adam's debiasing, as a weight on the new statistic
+                factor = _debiased_weight(self.momentum, int(self.num_batches_tracked))
         use_batch = self.training or (self.running_mean is None and self.running_var is None)
         keep = not self.training or self.track_running_stats
         return unitization(
@@ -273,6 +321,7 @@ class Unitization(nn.Module):
             f"norm={self.norm!r}, alpha_init={self.alpha_init}, "
             f"clamp_alpha={self.clamp_alpha}, learn_alpha={self.learn_alpha}"
             + ("" if self.variance == "biased" else f", variance={self.variance!r}")
+            + (", zero_debias=True" if self.zero_debias else "")
         )
 
 
