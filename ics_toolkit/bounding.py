@@ -135,7 +135,9 @@ class BoundCheck:
 
 
 def _le(a: float, b: float, rtol: float, scale: float, slack: float = 0.0) -> bool:
-    return a <= b + slack + rtol * max(abs(a), abs(b)) + ATOL * max(scale, 1.0)
+    # ATOL * scale, not ATOL * max(scale, 1): samples at 1e-200 must not get a slack of
+    # 1e-12, which would pass every violation
+    return a <= b + slack + rtol * max(abs(a), abs(b)) + ATOL * scale
 
 
 def check_order(
@@ -560,7 +562,7 @@ def bounds(
     out = _bounds(x_s, y_s, norms, n_projections, seed, coordinate_axes=coordinate_axes)
     for key in (*_vocab.THEORY_LOWER, "U1", "U2"):
         if key in out:
-            out[key] = _scaling.unscale(out[key], e, key)
+            out[key] = _scaling.unscale(out[key], e, f"bound {key} of `x` and `y`")
     return out
 
 

@@ -201,25 +201,55 @@ def _convert_pair(
 _LOG_LENGTHS = ("per_direction", "std_error", "lower", "upper", "reg_absolute", "diameter")
 
 
+def _compute_dtype(method: str, opts: Mapping[str, Any], dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``method`` computes in, for floating samples of ``dtype``."""
+    if method in ("exact", "sinkhorn"):
+        return torch.float64
+    return opts["dtype"] or dtype
+
+
 def _to_safe_scale(
-    x: ArrayLike, y: ArrayLike, names: tuple[str, str]
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Both samples as tensors times one power of two ``2^-e`` (:mod:`._scaling`), and e."""
+    x: ArrayLike, y: ArrayLike, names: tuple[str, str], method: str, opts: Mapping[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, int | np.ndarray]:
+    """Both samples in the dtype ``method`` computes in, times a power of two, and its e.
+
+    One ``2^-e`` for both (:mod:`._scaling`), chosen for that dtype; ``per_coordinate``
+    (a length per column) one ``2^-e[k]`` per column.
+    """
     tx, ty = _convert_pair(x, y, names, dtype=None, check_finite=False)
-    e = _scaling.exponent(tx, ty)
-    return _scaling.scale(tx, e), _scaling.scale(ty, e), e
+    dtype = _compute_dtype(method, opts, tx.dtype)
+    # scaled in the samples' dtype (exact), then converted: float64 samples at 1e100
+    # computed in float32 must not pass through a float32 copy of themselves
+    if method == "per_coordinate":
+        ek = _scaling.column_exponents(tx, ty, dtype=dtype)
+        tx, ty = _scaling.scale_columns(tx, ek), _scaling.scale_columns(ty, ek)
+        return tx.to(dtype), ty.to(dtype), ek
+    e = _scaling.exponent(tx, ty, dtype=dtype)
+    return _scaling.scale(tx, e).to(dtype), _scaling.scale(ty, e).to(dtype), e
 
 
 def _from_safe_scale(
-    value: Value, info: dict[str, Any], e: int, method: str
+    value: Value,
+    info: dict[str, Any],
+    e: int | np.ndarray,
+    method: str,
+    log: bool,
+    names: tuple[str, str] = ("x", "y"),
 ) -> tuple[Value, dict[str, Any]]:
-    """The value and the log's lengths of samples scaled by ``2^-e``, in the samples' units."""
+    """The value and the log's lengths of samples scaled by ``2^-e``, in the samples' units.
+
+    The log's lengths only when the log is returned (``log``): a diameter float64
+    cannot hold must not refuse a distance it can.
+    """
+    what = f"`{method}` distance of `{names[0]}` and `{names[1]}`"
+    if isinstance(e, np.ndarray):  # per_coordinate: one power per column, no lengths in the log
+        return _scaling.unscale_columns(value, e, what), info  # type: ignore[arg-type]
     if e == 0:
         return value, info
-    value = _scaling.unscale(value, e, f"`{method}` distance")
+    value = _scaling.unscale(value, e, what)
     for key in (*_LOG_LENGTHS, "ci_low", "ci_high"):
-        if info.get(key) is not None:
-            info[key] = _scaling.unscale(info[key], e, f"log entry {key!r}")
+        if log and info.get(key) is not None:
+            info[key] = _scaling.unscale(info[key], e, f"log entry {key!r} of the {what}")
     info["rescaled_by"] = f"2^{-e}"
     return value, info
 
@@ -387,10 +417,13 @@ def projected_w1(x: ArrayLike, y: ArrayLike, directions: torch.Tensor) -> torch.
             f"`directions` has {directions.shape[0]} rows but the samples have d = "
             f"{tx.shape[1]} columns; pass directions of shape (d, L)"
         )
-    vals = _sliced.projected_group([tx], [ty], directions.T)[0]
+    # extreme scales: projected times 2^-e (exact), scaled back
+    e = _scaling.exponent(tx, ty, dtype=directions.dtype)
+    sx, sy = _scaling.scale(tx, e), _scaling.scale(ty, e)
+    vals = _sliced.projected_group([sx], [sy], directions.T)[0]
     if not bool(torch.isfinite(vals).all()):
         _raise_non_finite([(tx, "x"), (ty, "y")], "projections", directions.dtype)
-    return vals
+    return _scaling.unscale(vals, e, "projected W1 of `x` and `y`")
 
 
 def columnwise_w1(a: ArrayLike, b: ArrayLike) -> torch.Tensor:
@@ -419,10 +452,13 @@ def columnwise_w1(a: ArrayLike, b: ArrayLike) -> torch.Tensor:
     [1.0, 2.0]
     """
     ta, tb = _convert_pair(a, b, ("a", "b"), dtype=None, check_finite=False)
-    vals = _sliced.coordinate_group([ta], [tb], ta.dtype)[0]
+    # extreme scales: each column times its own 2^-e[k] (exact), scaled back
+    ek = _scaling.column_exponents(ta, tb)
+    sa, sb = _scaling.scale_columns(ta, ek), _scaling.scale_columns(tb, ek)
+    vals = _sliced.coordinate_group([sa], [sb], ta.dtype)[0]
     if not bool(torch.isfinite(vals).all()):
         _raise_non_finite([(ta, "a"), (tb, "b")], "1-D distances", ta.dtype)
-    return vals
+    return _scaling.unscale_columns(vals, ek, "1-D W1 of `a` and `b`")
 
 
 # --------------------------------------------------------------- the estimators
@@ -887,9 +923,10 @@ def wasserstein(
     ``per_coordinate`` are lower bounds of it; ``paired`` is an upper bound;
     ``sinkhorn`` is a lower bound of it, within ``rtol`` (its log holds the interval).
 
-    Samples at any scale give the right value: outside a safe range both are multiplied
-    by one power of two (exact) and the result scaled back; a distance float64 cannot
-    hold raises (docs/theory.md section 5.2).
+    Samples at any scale give the right value: outside the safe range of the dtype the
+    method computes in, both are multiplied by one power of two (exact; one per column
+    for ``per_coordinate``) and the result scaled back; a distance float64 cannot hold
+    raises (docs/theory.md section 5.2).
 
     .. warning::
        In high dimension the sliced values are far below W1. For d = 4096, n = 512,
@@ -1036,11 +1073,11 @@ def wasserstein(
     if ci is not None:
         ci, ci_resamples = _check_ci(ci, ci_resamples, log)
     # extreme scales: computed on the samples times 2^-e, lengths scaled back (exact)
-    tx, ty, e = _to_safe_scale(x, y, ("x", "y"))
+    tx, ty, e = _to_safe_scale(x, y, ("x", "y"), method, opts)
     value, info = _single(tx, ty, ("x", "y"), method, opts, n_projections, seed)
     if ci is not None:
         _add_interval(method, tx, ty, info, opts, n_projections, seed, ci, ci_resamples)
-    value, info = _from_safe_scale(value, info, e, method)
+    value, info = _from_safe_scale(value, info, e, method, log)
     return (value, info) if log else value
 
 
@@ -1160,7 +1197,7 @@ def wasserstein_many(
             raise ICSTypeError(f"`{label}` must be an (x, y) pair, got {type(item).__name__}")
         names.append((f"{label}[0]", f"{label}[1]"))
 
-    scaled = [_to_safe_scale(x, y, names[i]) for i, (x, y) in enumerate(items)]
+    scaled = [_to_safe_scale(x, y, names[i], method, opts) for i, (x, y) in enumerate(items)]
     if method in _BATCHED:
         converted = [(tx, ty) for tx, ty, _ in scaled]
         results = _many(method, converted, names, opts, n_projections, seed)
@@ -1170,8 +1207,8 @@ def wasserstein_many(
             for i, (tx, ty, _) in enumerate(scaled)
         ]
     results = [
-        _from_safe_scale(*r, e, method)  # type: ignore[misc]
-        for r, (_, _, e) in zip(results, scaled, strict=True)
+        _from_safe_scale(*r, e, method, log, names[i])  # type: ignore[misc]
+        for i, (r, (_, _, e)) in enumerate(zip(results, scaled, strict=True))
     ]
 
     values = [r[0] for r in results]  # type: ignore[index]
@@ -1245,9 +1282,15 @@ def sampling_floor(
             f"`x` has {n} samples; sampling_floor splits it into two halves of at least "
             "2 samples each, so it needs at least 4"
         )
-    e = _scaling.exponent(t)
-    first, second = _halves(_scaling.scale(t, e), seed)
+    dtype = _compute_dtype(method, opts, t.dtype)
+    if method == "per_coordinate":
+        e: int | np.ndarray = _scaling.column_exponents(t, dtype=dtype)
+        t = _scaling.scale_columns(t, e)
+    else:
+        e = _scaling.exponent(t, dtype=dtype)
+        t = _scaling.scale(t, e)
+    first, second = _halves(t.to(dtype), seed)
     value, info = _single(first, second, ("x", "x"), method, opts, n_projections, seed)
-    value, info = _from_safe_scale(value, info, e, method)
+    value, info = _from_safe_scale(value, info, e, method, log, ("x", "x"))
     info["half_size"] = n // 2
     return (value, info) if log else value

@@ -7,9 +7,14 @@ fourth moment and the variance of the norm. These drifts put numbers on that.
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 
+from ics_toolkit import _scaling
 from ics_toolkit._arrays import ArrayLike, as_pair
+from ics_toolkit.errors import ICSRuntimeWarning, ICSValueError
 
 __all__ = ["moment_drift"]
 
@@ -30,7 +35,10 @@ def moment_drift(x: ArrayLike, y: ArrayLike) -> dict[str, float]:
         variances; ``drift_m4``: the same for the central fourth moments;
         ``drift_norm_var``: the change of the variance of the sample norms
         ``Var ||x_i||``, which moves the lower bound L2 under BatchNorm. Computed in
-        float64; units are those of the samples raised to the moment's order.
+        float64; units are those of the samples raised to the moment's order. Samples
+        at any scale are computed times a power of two (exact); a drift float64
+        cannot hold (the fourth moment of samples near 1e-100 is near 1e-400) is NaN,
+        with an :class:`~ics_toolkit.errors.ICSRuntimeWarning` saying so.
 
     Examples
     --------
@@ -40,7 +48,19 @@ def moment_drift(x: ArrayLike, y: ArrayLike) -> dict[str, float]:
     (1.0, 3.0)
     """
     tx, ty = as_pair(x, y)
-    return _drift(tx, ty)
+    e = _scaling.exponent(tx, ty)
+    out = _drift(_scaling.scale(tx, e), _scaling.scale(ty, e))
+    for q, value in out.items():
+        try:
+            out[q] = _scaling.unscale(value, DRIFT_POWERS[q] * e, f"{q} of `x` and `y`")
+        except ICSValueError as err:
+            warnings.warn(str(err), ICSRuntimeWarning, stacklevel=2)
+            out[q] = math.nan
+    return out
+
+
+#: The power of a length each drift is in (its units: the samples' to that power).
+DRIFT_POWERS = {"drift_mean": 1, "drift_var": 2, "drift_m4": 4, "drift_norm_var": 2}
 
 
 #: Rows per block of the one-pass column reductions: blocks of a few rows of a wide
@@ -92,8 +112,25 @@ def _drift(
         row_norms = (torch.linalg.vector_norm(tx, dim=1), torch.linalg.vector_norm(ty, dim=1))
     nx, ny = (r.var(unbiased=False) for r in row_norms)
     return {
-        "drift_mean": float(torch.linalg.vector_norm(mx - my)),
-        "drift_var": float(torch.linalg.vector_norm(vx - vy)),
-        "drift_m4": float(torch.linalg.vector_norm(kx - ky)),
+        "drift_mean": _norm(mx - my),
+        "drift_var": _norm(vx - vy),
+        "drift_m4": _norm(kx - ky),
         "drift_norm_var": abs(float(nx - ny)),
     }
+
+
+def _norm(v: torch.Tensor) -> float:
+    """||v||_2 without squaring v's entries in its dtype.
+
+    A fourth moment of values near 1e-40 is near 1e-160, whose square is no float64
+    (``vector_norm`` gives 0); in float32 that happens from values near 1e-5. Outside
+    :data:`ics_toolkit._scaling.SAFE` the norm of ``v / max|v|``, times ``max|v|``,
+    squares numbers of at most 1.
+    """
+    if not v.numel():
+        return 0.0
+    top = float(v.abs().max())
+    low, high = _scaling.SAFE.get(v.dtype, _scaling.SAFE[torch.float32])
+    if low <= top <= high or top == 0.0 or not math.isfinite(top):
+        return float(torch.linalg.vector_norm(v))
+    return top * float(torch.linalg.vector_norm(v / top))

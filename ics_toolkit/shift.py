@@ -33,7 +33,7 @@ from ics_toolkit.bounding import (
 )
 from ics_toolkit.distances import _half_index, _kernel, _many, _parse_options
 from ics_toolkit.errors import ICSError, ICSTypeError, ICSValueError, ICSWarning
-from ics_toolkit.moments import _column_moments, _drift
+from ics_toolkit.moments import DRIFT_POWERS, _column_moments, _drift
 from ics_toolkit.recording import CaptureInfo
 from ics_toolkit.sketch import jl_scale, no_autocast
 from ics_toolkit.views import view
@@ -313,13 +313,7 @@ def _measure_step(
                         torch.linalg.vector_norm(xv, dim=1),
                         torch.linalg.vector_norm(yv, dim=1),
                     )
-                e = 0
-                if g["x"].dtype == torch.float64 and not _scaling.safe_norms(*g["norms"]):
-                    e = _scaling.exponent(g["x"], g["y"])
-                if e:  # a float64 layer at an extreme scale: analysed times 2^-e (exact)
-                    g["x"], g["y"] = (_scaling.scale(t, e) for t in (g["x"], g["y"]))
-                    g["norms"] = tuple(torch.linalg.vector_norm(t, dim=1) for t in (g["x"], g["y"]))
-                    g["scale_e"] = e
+                _rescale(g)
                 g["rounding"] = _roundings(x.dtype, info, xv.dtype, key in before.sketched)
                 if name == covering:
                     x_ok = bool(torch.isfinite(g["norms"][0].sum()))
@@ -331,6 +325,13 @@ def _measure_step(
                 f"step {step}: layer {key!r} produced NaN or Inf on the probe ({side} the "
                 "update); it is not measured at this step, the other layers are"
             )
+            source = info.source_dtype
+            if source.is_floating_point and torch.finfo(source).max > torch.finfo(x.dtype).max:
+                # a finite float64 output above 3.4e38 is stored by a float32 capture as inf
+                msg += (
+                    f" (or its {source} outputs exceed the largest {x.dtype} the capture "
+                    f"stores, {torch.finfo(x.dtype).max:.3g}: pass capture_dtype={source})"
+                )
             warnings.warn(msg, ICSWarning, stacklevel=3)
             rows.append(_event(step, key, "nonfinite", msg))
             continue
@@ -543,6 +544,28 @@ def _floor_row(
 _FLOAT32_NORMS = (1e-15, 1e15)
 
 
+def _rescale(g: dict[str, Any]) -> None:
+    """A (layer, view) at an extreme scale for its analysis dtype: analysed times 2^-e.
+
+    The row norms answer without a pass over the samples (:data:`_scaling.SAFE_NORMS`:
+    float64 2^-150..2^150, float32 2^-8..2^20, where fourth moments and squared paired
+    distances stay normal); only norms that under- or overflowed need a scan. The
+    scaling is exact, every row is scaled back by :func:`_unscale_rows`.
+    """
+    x, y = g["x"], g["y"]
+    e = _scaling.norm_exponent(*g["norms"], dtype=x.dtype)
+    if e is None:  # norms of 0 or inf: squares that under- or overflowed; look at the values
+        e = _scaling.exponent(x, y)
+    if e:
+        g["x"], g["y"] = x, y = _scaling.scale(x, e), _scaling.scale(y, e)
+        if e > 0 and all(bool(torch.isfinite(n.max())) for n in g["norms"]):
+            # large finite norms: scaled with the samples (exact), no second pass
+            g["norms"] = tuple(_scaling.scale(n, e) for n in g["norms"])
+        else:  # norms that under- or overflowed, or lost digits to subnormal squares
+            g["norms"] = (torch.linalg.vector_norm(x, dim=1), torch.linalg.vector_norm(y, dim=1))
+        g["scale_e"] = e
+
+
 def _float32_safe(nx: torch.Tensor, ny: torch.Tensor) -> bool:
     """Whether samples with row norms ``nx``, ``ny`` can be analysed in float32.
 
@@ -567,9 +590,7 @@ def _all_finite(t: torch.Tensor) -> bool:
 #: Powers of length of the rows computed from a (layer, view)'s samples that are not
 #: plain lengths (the rest of those kinds are lengths, power 1).
 _ROW_POWERS = {
-    "drift_var": 2,
-    "drift_norm_var": 2,
-    "drift_m4": 4,
+    **DRIFT_POWERS,
     _vocab.IDENTITY_SHARE: 0,
     _vocab.RESOLUTION: 0,  # computed in the stored units already (scale_e)
 }
@@ -688,6 +709,8 @@ def _check_group(step: int, key: str, name: str, g: dict[str, Any], config: Meas
     values = {r["quantity"]: r["value"] for r in g["rows"] if r["kind"] != "floor"}
     pair = g.get("stored", (g["x"], g["y"]))
     scale = max(float(v.abs()) for t in pair for v in torch.aminmax(t))
+    if "stored" not in g and g.get("scale_e"):  # the rescaled samples: back to the rows' units
+        scale = _scaling.unscale(scale, g["scale_e"], "largest |value|")
     resolution = g.get("resolution", 0.0)
     check = check_order(values, rtol=config.check_rtol, scale=scale, resolution=resolution)
     text = "; ".join(check.violations)
