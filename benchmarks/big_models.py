@@ -6,9 +6,14 @@ peak resident memory is its own): the model is built from a ``transformers`` con
 BatchNorm layers; ``ViTForImageClassification(ViTConfig(num_labels=10))``, 25
 LayerNorms), trained with SGD on random 224 x 224 images, with the default monitor
 (every normalization layer, methods exact / max_sliced / sliced, floors, bounds,
-moments, the default memory budget) measuring every other step. Training steps of
-the same batch size n, unmeasured and measured, alternate, so both see the same
-machine load; the ratio is the median measured step over the median unmeasured one.
+moments, the default memory budget). ``--every 2`` (the default) measures every other
+step: a measured step runs both probe passes (before and after the optimizer step).
+``--every 1`` is the issue's setting, every step measured: the probe pass after step t
+is reused as the one before step t+1 (``reuse_probe``, on by default), so a measured
+step in steady state runs one probe pass; the schedule measures steps 4j+1..4j+3 and
+times 4j+2, 4j+3 (steady) against the unmeasured 4j. Unmeasured and measured steps of
+the same batch size n alternate, so both see the same machine load; the ratio is the
+median measured step over the median unmeasured one.
 
 Printed per configuration: the memory plan's choice and predicted peak, the steps'
 medians and their ratio, where a measured step's time goes (probe passes, the views
@@ -20,6 +25,7 @@ Usage::
 
     python benchmarks/big_models.py                      # both models, n = 16 32 64
     python benchmarks/big_models.py --model resnet50 --probe 16 --rounds 2
+    python benchmarks/big_models.py --probe 64 --every 1  # every step measured
     python benchmarks/big_models.py --device cuda        # the GPU variant
     python benchmarks/big_models.py --memory-budget none # the monitor without a plan
     python benchmarks/big_models.py --sketch 256         # every wide layer sketched
@@ -122,7 +128,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         monitor = ics.ICSMonitor(
             model,
             probe,
-            every=lambda s: s % 2 == 1,
+            every=(lambda s: s % 2 == 1) if args.every == 2 else (lambda s: s % 4 != 0),
             memory_budget=budget,
             sketch=args.sketch or None,
             seed=0,
@@ -147,8 +153,15 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     train_step()  # warm-up (allocator, first-call costs); step 0 is not measured
     parts.clear()
     for _ in range(args.rounds):
-        measured.append(train_step())  # odd steps are measured
-        plain.append(train_step())
+        if args.every == 2:
+            measured.append(train_step())  # odd steps are measured
+            plain.append(train_step())
+        else:
+            train_step()  # 4j+1: both probe passes (no pass to reuse)
+            parts.clear()
+            measured.append(train_step())  # 4j+2, 4j+3: one probe pass each
+            measured.append(train_step())
+            plain.append(train_step())  # 4j+4: unmeasured
     monitor.detach()
     df = monitor.results()
     rows = df[(df.kind != "event") & (df.step == df.step.max())]
@@ -156,8 +169,8 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     for row in rows.itertuples():
         if isinstance(row.wall_time_s, float) and row.wall_time_s == row.wall_time_s:
             breakdown[family(row.quantity, row.kind)] += row.wall_time_s
-    rounds = len(measured)
-    probe_s = sum(parts["probe passes"][-2:])
+    rounds = len(plain)
+    probe_s = sum(parts["probe passes"][-2:]) if args.every == 2 else parts["probe passes"][-1]
     analysis_s = parts["analysis"][-1] if parts["analysis"] else float("nan")
     estimators_s = sum(breakdown.values())
     total_s = float(
@@ -173,7 +186,8 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         "construct_s": build_s,
         "train_s": statistics.median(plain),
         "measured_s": statistics.median(measured),
-        "ratio": statistics.median(m / p for m, p in zip(measured, plain, strict=True)),
+        "every": args.every,
+        "ratio": statistics.median(measured) / statistics.median(plain),
         "monitor_s": total_s,
         "probe_passes_s": probe_s,
         "analysis_s": analysis_s,
@@ -198,7 +212,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
 def show(r: dict[str, Any]) -> None:
     print(
         f"\n== {r['model']}, probe {r['probe']}, {r['device']} ({r['threads']} threads), "
-        f"{r['rounds']} rounds"
+        f"{r['rounds']} rounds, every={r.get('every', 2)}"
     )
     print(f"   plan: {r['plan']}")
     print(
@@ -231,6 +245,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--memory-budget", default="0.5", help="a share, or 'none'")
     parser.add_argument("--sketch", type=int, default=0, help="sketch=k for every wide layer")
+    parser.add_argument(
+        "--every", type=int, choices=(1, 2), default=2, help="2: every other step; 1: every step"
+    )
     parser.add_argument("--json", default="", help="append each result as a JSON line")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -262,6 +279,8 @@ def main() -> None:
                 args.memory_budget,
                 "--sketch",
                 str(args.sketch),
+                "--every",
+                str(args.every),
             ]
             out = subprocess.run(cmd, capture_output=True, text=True)
             lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]

@@ -219,11 +219,12 @@ def test_one_pass_kernels_equal_the_direct_formulas():
     y[:, 5] += 0.5  # one column moves more than the others: the axis search must find it
     old_rows = moments._ROW_BLOCK_VALUES
     try:
-        moments._ROW_BLOCK_VALUES = 3000  # 3 rows per block
-        mu, var, m4 = moments._column_moments(x)
-        torch.testing.assert_close(mu, x.mean(0), rtol=1e-13, atol=0)
-        torch.testing.assert_close(var, x.var(0, unbiased=False), rtol=1e-12, atol=0)
-        torch.testing.assert_close(m4, ((x - x.mean(0)) ** 4).mean(0), rtol=1e-12, atol=0)
+        for limit in (3000, 500):  # 3 rows per block; one row (the in-place row loop)
+            moments._ROW_BLOCK_VALUES = limit
+            mu, var, m4 = moments._column_moments(x)
+            torch.testing.assert_close(mu, x.mean(0), rtol=1e-13, atol=0)
+            torch.testing.assert_close(var, x.var(0, unbiased=False), rtol=1e-12, atol=0)
+            torch.testing.assert_close(m4, ((x - x.mean(0)) ** 4).mean(0), rtol=1e-12, atol=0)
     finally:
         moments._ROW_BLOCK_VALUES = old_rows
     paired = bounding._differences(x, y)
