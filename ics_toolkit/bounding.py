@@ -678,8 +678,12 @@ def _differences(
         both = torch.add(tx[i : i + rows], ty[i : i + rows], out=total[:k])
         dist[i : i + rows] = torch.linalg.vector_norm(diff, dim=1)
         sq_gap[i : i + rows] = torch.linalg.vecdot(diff, both)
-        signed += diff.sum(dim=0)
-        column += diff.abs_().sum(dim=0)
+        if k == 1:  # a sum over one (wide) row is the row: no reduction kernel, same bits
+            signed += diff[0]
+            column += diff[0].abs_()
+        else:
+            signed += diff.sum(dim=0)
+            column += diff.abs_().sum(dim=0)
     if row_norms is None:
         row_norms = (torch.linalg.vector_norm(tx, dim=1), torch.linalg.vector_norm(ty, dim=1))
     norm_sum = row_norms[0] + row_norms[1]

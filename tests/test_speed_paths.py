@@ -233,6 +233,12 @@ def test_one_pass_kernels_equal_the_direct_formulas():
     torch.testing.assert_close(paired.gap, x.mean(0) - y.mean(0), rtol=1e-12, atol=1e-15)
     norm_gap = float(x.norm(dim=1).mean() - y.norm(dim=1).mean())
     assert paired.norm_gap == pytest.approx(norm_gap, rel=1e-12)
+    # rows wider than a block (one row per block): the same formulas
+    wx = torch.randn(3, 2**18 + 5, generator=gen, dtype=torch.float64)
+    wy = wx + 0.01 * torch.randn(wx.shape, generator=gen, dtype=torch.float64)
+    wide = bounding._differences(wx, wy)
+    torch.testing.assert_close(wide.column_abs_gap, (wx - wy).abs().mean(0), rtol=1e-13, atol=0)
+    torch.testing.assert_close(wide.gap, wx.mean(0) - wy.mean(0), rtol=1e-12, atol=1e-15)
     # the pruned axis search returns the max over every column, to the bit
     every = float(_sliced.coordinate_group([x], [y], torch.float64)[0].max())
     assert bounding._best_axis(x, y, 0.0) == every
