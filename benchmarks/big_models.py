@@ -11,9 +11,11 @@ step: a measured step runs both probe passes (before and after the optimizer ste
 ``--every 1`` is the issue's setting, every step measured: the probe pass after step t
 is reused as the one before step t+1 (``reuse_probe``, on by default), so a measured
 step in steady state runs one probe pass; the schedule measures steps 4j+1..4j+3 and
-times 4j+2, 4j+3 (steady) against the unmeasured 4j. Unmeasured and measured steps of
-the same batch size n alternate, so both see the same machine load; the ratio is the
-median measured step over the median unmeasured one.
+times 4j+2, 4j+3 (steady) against the unmeasured 4j; a control then times unmeasured
+steps while as many bytes as one capture are held (on some machines, e.g. this
+project's VMs, held memory alone slows a training step: its page faults cost more).
+Unmeasured and measured steps of the same batch size n alternate, so both see the same
+machine load; the ratio is the median measured step over the median unmeasured one.
 
 Printed per configuration: the memory plan's choice and predicted peak, the steps'
 medians and their ratio, where a measured step's time goes (probe passes, the views
@@ -163,6 +165,14 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
             measured.append(train_step())
             plain.append(train_step())  # 4j+4: unmeasured
     monitor.detach()
+    held_s: list[float] = []
+    held_bytes = int(plan.table["bytes_per_capture"].sum())
+    if args.every == 1:
+        # control: the same unmeasured step while as many bytes as one stored capture
+        # (what the reused probe pass keeps through the next training step) are held
+        held = torch.ones(max(1, held_bytes // 4), device=device)
+        held_s = [train_step() for _ in range(args.rounds)]
+        del held
     df = monitor.results()
     rows = df[(df.kind != "event") & (df.step == df.step.max())]
     breakdown: dict[str, float] = defaultdict(float)
@@ -203,6 +213,8 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         "plan_budget_gib": plan.budget / 2**30,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "warnings": [str(w.message)[:200] for w in said],
+        "held_gib": held_bytes / 2**30,
+        "train_held_s": statistics.median(held_s) if held_s else None,
     }
     if device.type == "cuda":
         result["peak_device_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -234,6 +246,13 @@ def show(r: dict[str, Any]) -> None:
         f"(unplanned {r['plan_unplanned_gib']:.2f}, budget {r['plan_budget_gib']:.2f})"
     )
     print(mem, flush=True)
+    if r.get("train_held_s"):
+        print(
+            f"   control: unmeasured step with one capture's {r['held_gib']:.2f} GiB held "
+            f"{r['train_held_s']:.2f} s ({r['train_held_s'] / r['train_s']:.2f}x the "
+            "training step): the share of the ratio that is the machine's, not the monitor's",
+            flush=True,
+        )
 
 
 def main() -> None:
