@@ -73,7 +73,8 @@ def _one(capture: StepCapture, key: str, device: torch.device | None) -> StepCap
         }
         norms[key] = dataclasses.replace(snap, **moved)
     sketched = {key: capture.sketched[key]} if key in capture.sketched else {}
-    return StepCapture({key: tensor}, {key: capture.info[key]}, norms, sketched)
+    # the same cache: what this layer's analysis computes from one side stays with it
+    return StepCapture({key: tensor}, {key: capture.info[key]}, norms, sketched, capture.cache)
 
 
 def _to(t: Any, device: torch.device | None) -> Any:

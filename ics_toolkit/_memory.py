@@ -19,7 +19,7 @@ from ics_toolkit.sketch import chunk_bytes
 if TYPE_CHECKING:
     from ics_toolkit.monitor import ICSMonitor
 
-__all__ = ["WORKING_COPIES", "analysis_bytes", "layer_rows", "memory_plan"]
+__all__ = ["WORKING_COPIES", "analysis_bytes", "cache_bytes", "layer_rows", "memory_plan"]
 
 #: Transient working memory of the estimators at a measured step, in float64 copies of
 #: one layer's largest view matrix (``ICSMonitor.memory_per_layer``'s ``bytes_working``):
@@ -41,9 +41,54 @@ def analysis_bytes(
     token_mask: Any = None,
 ) -> tuple[int, int]:
     """float64 sample matrices of every view of one layer (both sides), and the largest."""
+    total = largest = 0
+    shapes = _view_shapes(views, max_pixel_samples, stored, batch, channel, token_mask)
+    for _, rows, width in shapes:
+        total += 2 * rows * width * 8
+        largest = max(largest, rows * width * 8)
+    return total, largest
+
+
+def cache_bytes(
+    config: Any,
+    stored: tuple[int, ...],
+    batch: int,
+    channel: int,
+    sketched: bool,
+) -> int:
+    """The one-sided numbers the analysis keeps with one capture (``StepCapture.cache``).
+
+    Per view of r rows and w columns, in the analysis dtype: the row norms (r), the
+    sorted projections of sliced / max_sliced (L r, not on the channel view) and the
+    column mean, variance and fourth moment of the drift (3 w, not on the channel view
+    or a sketch).
+    """
+    itemsize = 8 if config.precision == "float64" else 4
+    projected = bool({"sliced", "max_sliced"} & set(config.methods))
+    total = 0
+    shapes = _view_shapes(
+        config.views, config.max_pixel_samples, stored, batch, channel, config.token_mask
+    )
+    for name, rows, width in shapes:
+        total += rows
+        if name != "channel":
+            total += config.n_projections * rows if projected else 0
+            total += 3 * width if config.moments and not sketched else 0
+    return total * itemsize
+
+
+def _view_shapes(
+    views: tuple[str, ...],
+    max_pixel_samples: int,
+    stored: tuple[int, ...],
+    batch: int,
+    channel: int,
+    token_mask: Any,
+) -> list[tuple[str, int, int]]:
+    """(view, rows, columns) of every view of a layer stored with shape ``stored``."""
     numel = math.prod(stored)
     n = stored[batch]
-    total = largest = 0
+    out = []
     for name in views:
         if name == "flatten" or len(stored) == 1:
             rows, width = n, numel // n
@@ -54,9 +99,8 @@ def analysis_bytes(
             rows = int(token_mask.sum())  # the real tokens only
         if name in ("pixel", "token"):
             rows = min(rows, max_pixel_samples)
-        total += 2 * rows * width * 8
-        largest = max(largest, rows * width * 8)
-    return total, largest
+        out.append((name, rows, width))
+    return out
 
 
 def memory_plan(monitor: ICSMonitor) -> Any:
@@ -110,7 +154,8 @@ def layer_rows(
             if row.site == "output" and snapshot:
                 in_shape = shapes.get((row.name, "input"), shape)
                 extra = math.prod(in_shape) * itemsize  # x_hat, storage dtype
-            held = 2 * (stored_bytes + extra)
+            kept = cache_bytes(config, stored, 0 if sketched else batch, axes[1], sketched)
+            held = 2 * (stored_bytes + extra + kept)
             analysis, largest = analysis_bytes(
                 config.views,
                 config.max_pixel_samples,
@@ -134,6 +179,7 @@ def layer_rows(
                     "dim": dim,
                     "sketch": sketch if sketched else None,
                     "bytes_per_capture": stored_bytes + extra,
+                    "bytes_cache": kept,
                     "bytes_held": held,
                     "bytes_analysis": analysis,
                     "bytes_working": working,

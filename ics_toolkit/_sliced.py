@@ -19,6 +19,7 @@ which makes the piece widths and the indices exact integers.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -81,10 +82,26 @@ def _chunks(count: int, bytes_per_item: int) -> list[range]:
     return [range(i, min(count, i + step)) for i in range(0, count, step)]
 
 
+#: Per pair, where its sides' sorted projections are kept: (x's cache, y's cache, key).
+Memo = tuple[dict, dict, tuple]
+
+
+def _project(
+    t: torch.Tensor, directions_t: torch.Tensor, out: torch.Tensor, memo: dict | None, key: Any
+) -> None:
+    """``out`` = the projections of ``t`` on every direction, or their sorted copy if kept."""
+    known = None if memo is None else memo.get(key)
+    if known is not None:  # sorted already: the sort below leaves it as it is
+        out.copy_(known)
+    else:
+        torch.matmul(directions_t, t.to(directions_t.dtype).T, out=out)
+
+
 def projected_group(
     xs: Sequence[torch.Tensor],
     ys: Sequence[torch.Tensor],
     directions_t: torch.Tensor,
+    memos: Sequence[Memo | None] | None = None,
 ) -> torch.Tensor:
     """Per-direction 1-D W1 for a group of pairs of equal (n, m, d).
 
@@ -92,31 +109,41 @@ def projected_group(
     at a time (so a group never holds more than one cast copy); ``directions_t`` is
     (L, d) with unit rows. Returns (G, L) in that dtype. Nothing is checked for NaN
     here: non-finite inputs give non-finite outputs, which the caller checks.
+    ``memos[i]`` = (cache of x, cache of y, key): each side's sorted projections (L, n)
+    are read from its cache under ``key`` when there, and kept there otherwise (a
+    monitor's capture reused as the next step's "before" is not projected again).
     """
     n, m = xs[0].shape[0], ys[0].shape[0]
     n_dir = directions_t.shape[0]
     dtype, device = directions_t.dtype, directions_t.device
     itemsize = torch.empty((), dtype=dtype).element_size()
     per_pair = n_dir * (n + m) * (itemsize * 2 + 8) * (1 if n == m else 3)
+    memos = memos or [None] * len(xs)
     out = []
     for chunk in _chunks(len(xs), per_pair):
         g = len(chunk)
         if n == m:
             buf = torch.empty((g, 2, n_dir, n), dtype=dtype, device=device)
-            for j, i in enumerate(chunk):
-                torch.matmul(directions_t, xs[i].to(dtype).T, out=buf[j, 0])
-                torch.matmul(directions_t, ys[i].to(dtype).T, out=buf[j, 1])
-            srt = sort_last_(buf)
-            out.append(w1_sorted(srt[:, 0], srt[:, 1]))
-            del buf, srt
+            bx, by = buf[:, 0], buf[:, 1]
         else:
             bx = torch.empty((g, n_dir, n), dtype=dtype, device=device)
             by = torch.empty((g, n_dir, m), dtype=dtype, device=device)
-            for j, i in enumerate(chunk):
-                torch.matmul(directions_t, xs[i].to(dtype).T, out=bx[j])
-                torch.matmul(directions_t, ys[i].to(dtype).T, out=by[j])
-            out.append(w1_sorted(sort_last_(bx), sort_last_(by)))
-            del bx, by
+        for j, i in enumerate(chunk):
+            memo = memos[i]
+            _project(xs[i], directions_t, bx[j], memo and memo[0], memo and memo[2])
+            _project(ys[i], directions_t, by[j], memo and memo[1], memo and memo[2])
+        if n == m:
+            srt = sort_last_(buf)
+            bx, by = srt[:, 0], srt[:, 1]
+        else:
+            bx, by = sort_last_(bx), sort_last_(by)
+        for j, i in enumerate(chunk):
+            memo = memos[i]
+            if memo is not None:
+                for side, cache in ((bx[j], memo[0]), (by[j], memo[1])):
+                    cache.setdefault(memo[2], side.clone())
+        out.append(w1_sorted(bx, by))
+        buf = srt = bx = by = None  # freed before the next chunk's buffers
     return torch.cat(out) if len(out) > 1 else out[0]
 
 

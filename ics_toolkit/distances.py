@@ -755,6 +755,7 @@ def _batched_group(
     dtype: torch.dtype,
     directions_t: torch.Tensor | None,
     seed: int,
+    memos: Sequence[Any] | None = None,
 ) -> list[tuple[Value, dict[str, Any]]]:
     """One group of pairs of equal (n, m, d, device, dtype): one kernel call."""
     if method == "per_coordinate":
@@ -762,7 +763,7 @@ def _batched_group(
         what = "1-D distances"
     else:
         assert directions_t is not None
-        vals = _sliced.projected_group(txs, tys, directions_t)
+        vals = _sliced.projected_group(txs, tys, directions_t, memos)
         what = "projections"
     finite = torch.isfinite(vals).all(dim=1)
     if not bool(finite.all()):  # diagnose the first bad pair (slow path, errors only)
@@ -812,10 +813,13 @@ def _many(
     opts: Mapping[str, Any],
     n_projections: int,
     seed: int,
+    memos: Sequence[Any] | None = None,
 ) -> list[tuple[Value, dict[str, Any]]]:
     """A batched method on many pairs of checked tensors: one kernel call per group.
 
     Pairs are grouped by (n, m, d, device, dtype); equal widths share their directions.
+    ``memos`` (per pair, see :func:`ics_toolkit._sliced.projected_group`) keep each
+    side's sorted projections for a caller that meets the same samples again.
     """
     results: list[Any] = [None] * len(pairs)
     groups: dict[tuple[Any, ...], list[int]] = {}
@@ -835,6 +839,7 @@ def _many(
             dtype,
             directions_t,
             seed,
+            None if memos is None else [memos[i] for i in idx],
         )
         for i, res in zip(idx, out, strict=True):
             results[i] = res

@@ -451,7 +451,7 @@ def _rebuild(before: Any, after: Any, segments: Sequence[Any], merged: list[torc
             if k in tensors[side]
         }
         norms = {k: dataclasses.replace(s, x_hat=xhats[side][k]) for k, s in cap.norms.items()}
-        out.append(
-            dataclasses.replace(cap, tensors=tensors[side], info={**cap.info, **info}, norms=norms)
-        )
+        # other tensors than the local capture's: a cache of their own
+        whole = {"tensors": tensors[side], "info": {**cap.info, **info}, "norms": norms}
+        out.append(dataclasses.replace(cap, **whole, cache={}))
     return out[0], out[1]

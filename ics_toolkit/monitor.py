@@ -858,8 +858,14 @@ class ICSMonitor:
               ``sketch``: k, or NA when stored unsketched;
             - ``bytes_per_capture``: the stored tensor plus, for BatchNorm /
               Unitization layers with bounds, their normalized values (input shape);
-            - ``bytes_held``: twice that, what is held from before the optimizer step
-              to the end of the analysis (the capture at t and at t+1);
+            - ``bytes_cache``: the numbers the analysis computes from one capture
+              alone and keeps with it, so that a capture reused as the next step's
+              "before" (``reuse_probe``) is not analysed twice: per view of r rows
+              and w columns, in the analysis dtype, the row norms (r), the sorted
+              projections of sliced / max_sliced (``n_projections`` x r) and the
+              column moments of the drift (3 w);
+            - ``bytes_held``: twice the sum of those two, what is held from before the
+              optimizer step to the end of the analysis (the capture at t and at t+1);
             - ``bytes_analysis``: the float64 sample matrices of the views built for
               the analysis (both sides), held during it for every layer at once;
             - ``bytes_working``: an estimate of the transient working memory, needed

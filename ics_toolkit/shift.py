@@ -14,7 +14,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,6 +210,18 @@ class StepCapture:
     info: dict[str, CaptureInfo]
     norms: dict[str, NormSnapshot] = field(default_factory=dict)
     sketched: dict[str, int] = field(default_factory=dict)
+    #: What the analysis computed from one side alone (row norms, column moments, sorted
+    #: projections, largest |value|), keyed by (key, view, dtype, scale, what): when this
+    #: capture is reused as the next step's "before" (``reuse_probe``), its numbers are
+    #: not computed again. Lives and dies with the capture's tensors.
+    cache: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+def _memo(capture: StepCapture, key: tuple[Any, ...], fn: Callable[..., Any], *args: Any) -> Any:
+    """``capture.cache[key]``, computed as ``fn(*args)`` the first time."""
+    if key not in capture.cache:
+        capture.cache[key] = fn(*args)
+    return capture.cache[key]
 
 
 def measure_step(
@@ -298,10 +310,7 @@ def _measure_step(
                     # these views hold every stored value, which float64 holds exactly: the
                     # check's scale (largest |value|) is read from the half-size storage
                     g["stored"] = (x, y)
-                g["norms"] = (
-                    torch.linalg.vector_norm(xv, dim=1),
-                    torch.linalg.vector_norm(yv, dim=1),
-                )
+                g["norms"] = _side_norms(before, after, key, name, xv, yv)
                 if xv.dtype == torch.float32 and not _float32_safe(*g["norms"]):
                     # squared norms would overflow or underflow float32 (or a value is not
                     # finite: float64 tells which): this (layer, view) is analysed in float64
@@ -309,11 +318,9 @@ def _measure_step(
                     xv = view(x, name, info, **opts).to(torch.float64)
                     yv = view(y, name, info, **opts).to(torch.float64)
                     g["x"], g["y"] = xv, yv
-                    g["norms"] = (
-                        torch.linalg.vector_norm(xv, dim=1),
-                        torch.linalg.vector_norm(yv, dim=1),
-                    )
+                    g["norms"] = _side_norms(before, after, key, name, xv, yv)
                 _rescale(g)
+                g["side"] = (key, name, g["x"].dtype, g.get("scale_e", 0))
                 g["rounding"] = _roundings(x.dtype, info, xv.dtype, key in before.sketched)
                 if name == covering:
                     x_ok = bool(torch.isfinite(g["norms"][0].sum()))
@@ -370,6 +377,11 @@ def _measure_groups(
         if not chosen:
             continue
         start = time.perf_counter()
+        # each side's sorted projections are kept with its capture (see StepCapture.cache)
+        memos = [
+            (before.cache, after.cache, (*groups[gk]["side"], "sorted_projections", kernel))
+            for gk in chosen
+        ]
         out = _many(
             kernel,
             [(groups[gk]["x"], groups[gk]["y"]) for gk in chosen],
@@ -377,6 +389,7 @@ def _measure_groups(
             config.options[kernel],
             config.n_projections,
             config.seed,
+            memos if kernel == "sliced" else None,
         )
         seconds = (time.perf_counter() - start) / len(chosen)
         for gk, (value, log) in zip(chosen, out, strict=True):
@@ -441,7 +454,11 @@ def _measure_groups(
             # fourth moment) and unpaired bounds (mean gap) share; paired bounds take
             # the mean gap from the differences
             start = time.perf_counter()
-            g["moments"] = (_column_moments(x, drifts), _column_moments(y, drifts))
+            ids = (*g["side"], "column_moments", drifts)
+            g["moments"] = (
+                _memo(before, ids, _column_moments, x, drifts),
+                _memo(after, ids, _column_moments, y, drifts),
+            )
             seconds = time.perf_counter() - start
             # the moments' time, split between the rows that use them
             g["stats_s"] = seconds / (1 + drifts) if shared else 0.0
@@ -469,7 +486,7 @@ def _measure_groups(
         )
         if g.get("scale_e"):
             _unscale_rows(g["rows"], g["scale_e"])
-        _check_group(step, key, name, g, config)
+        _check_group(step, key, name, g, config, (before, after))
 
 
 def _roundings(
@@ -614,6 +631,22 @@ def _unscale_rows(rows: list[dict[str, Any]], e: int) -> None:
                 row["value"], row["warning"] = math.nan, str(err)
 
 
+def _side_norms(
+    before: StepCapture,
+    after: StepCapture,
+    key: str,
+    name: str,
+    xv: torch.Tensor,
+    yv: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row norms of both sides' views, each computed once per capture."""
+    ids = (key, name, xv.dtype, "row_norms")
+    return (
+        _memo(before, ids, torch.linalg.vector_norm, xv, 2, 1),
+        _memo(after, ids, torch.linalg.vector_norm, yv, 2, 1),
+    )
+
+
 def _row(kind: str, quantity: str, value: float, **extra: Any) -> dict[str, Any]:
     return {"quantity": quantity, "value": float(value), "kind": kind, **extra}
 
@@ -705,10 +738,25 @@ def _bound_rows(
     ]
 
 
-def _check_group(step: int, key: str, name: str, g: dict[str, Any], config: MeasureConfig) -> None:
+def _largest_abs(t: torch.Tensor) -> float:
+    return max(float(v.abs()) for v in torch.aminmax(t))
+
+
+def _check_group(
+    step: int,
+    key: str,
+    name: str,
+    g: dict[str, Any],
+    config: MeasureConfig,
+    sides: tuple[StepCapture, StepCapture],
+) -> None:
     values = {r["quantity"]: r["value"] for r in g["rows"] if r["kind"] != "floor"}
     pair = g.get("stored", (g["x"], g["y"]))
-    scale = max(float(v.abs()) for t in pair for v in torch.aminmax(t))
+    ids = (key, "stored") if "stored" in g else g["side"]
+    scale = max(
+        _memo(side, (*ids, "largest_abs"), _largest_abs, t)
+        for side, t in zip(sides, pair, strict=True)
+    )
     if "stored" not in g and g.get("scale_e"):  # the rescaled samples: back to the rows' units
         scale = _scaling.unscale(scale, g["scale_e"], "largest |value|")
     resolution = g.get("resolution", 0.0)

@@ -62,9 +62,9 @@ def test_shortcuts_give_the_direct_numbers(monkeypatch: pytest.MonkeyPatch):
     def direct_floor(x, method, config, row_norms=None):  # recompute the halves' norms
         return floor_row(x, method, config, None)
 
-    def direct_check(step, key, name, g, config):  # scale from the float64 views
+    def direct_check(step, key, name, g, config, sides):  # scale from the float64 views
         g.pop("stored", None)
-        return check_group(step, key, name, g, config)
+        return check_group(step, key, name, g, config, sides)
 
     monkeypatch.setattr(shift, "_floor_row", direct_floor)
     monkeypatch.setattr(shift, "_check_group", direct_check)

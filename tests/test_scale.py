@@ -90,7 +90,7 @@ def test_memory_per_layer_predicts_what_a_capture_holds(sketch, dtype, views):
     assert "ln#2" in actual and "ln#2:input" in actual  # the second call counts too
     for key, nbytes in actual.items():
         assert table.loc[key, "bytes_per_capture"] == nbytes, key
-        assert table.loc[key, "bytes_held"] == 2 * nbytes
+        assert table.loc[key, "bytes_held"] == 2 * (nbytes + table.loc[key, "bytes_cache"])
         assert table.loc[key, "dtype"] == str(dtype).removeprefix("torch.")
     # closed forms, independent of the code: 24 probe inputs
     size = torch.empty((), dtype=dtype).element_size()
@@ -106,6 +106,31 @@ def test_memory_per_layer_predicts_what_a_capture_holds(sketch, dtype, views):
         assert table.loc["bn", "bytes_per_capture"] == 24 * sketch * size  # no U3 values
         assert table.loc["head", "bytes_per_capture"] == 24 * 3 * size  # 3 <= k: as is
         assert pd_isna(table.loc["head", "sketch"])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"precision": "float64", "views": ("flatten", "pixel", "channel")},
+        {"sketch": 8, "methods": ("exact", "sliced")},
+        {"moments": False, "methods": ("exact",)},
+    ],
+)
+def test_memory_per_layer_predicts_the_numbers_kept_with_a_capture(options):
+    # what the analysis computed from the capture after a step, kept for the next step
+    model = Shared()
+    mon = ics.ICSMonitor(model, probe(), layers="all", every=1, max_pixel_samples=40, **options)
+    table = mon.memory_per_layer().set_index("layer")
+    train(model, [mon], steps=1)
+    carried = mon._carry[1]
+    kept: dict[str, int] = {}
+    for ids, value in carried.cache.items():
+        parts = value if isinstance(value, tuple) else (value,)
+        nbytes = sum(t.nbytes for t in parts if isinstance(t, torch.Tensor))
+        kept[ids[0]] = kept.get(ids[0], 0) + nbytes
+    assert kept == table.bytes_cache.to_dict() and sum(kept.values()) > 0
+    mon.detach()
 
 
 def pd_isna(value) -> bool:
@@ -128,7 +153,10 @@ def test_with_a_sketch_memory_per_layer_does_not_grow_with_the_width():
         peaks[d] = sk.bytes_peak
     assert len(set(per_capture.values())) == 1
     view = n * k * 8  # one float64 sample matrix of the sketch
-    assert per_capture[256] == (n * k * 4, 2 * n * k * 4, 2 * view)
+    # kept with each capture: row norms and 128 sorted projections of the n rows (a
+    # sketch has no moment drift), float32
+    cache = (n + 128 * n) * 4
+    assert per_capture[256] == (n * k * 4, 2 * (n * k * 4 + cache), 2 * view)
     # the peak adds transient working memory: the estimators' copies, or the hook's
     # chunks (bounded whatever d) and random draws (13 bytes per coordinate: an int64
     # permutation, int8 signs, float32 signs), far below the 4 n bytes per coordinate

@@ -88,6 +88,34 @@ def test_reuse_saves_a_probe_pass_per_consecutive_step_and_changes_no_number():
         assert torch.equal(value, reused[2][key]), key
 
 
+def test_a_reused_capture_brings_what_was_computed_from_it(monkeypatch: pytest.MonkeyPatch):
+    # the one-sided numbers (row norms, column moments, sorted projections, largest
+    # |value|) of the capture after step t serve step t+1, whose "before" it is
+    from ics_toolkit import _sliced
+
+    counts = {"moments": 0, "projections": 0}
+    moments, project = shift._column_moments, _sliced._project
+
+    def counted_moments(*args):
+        counts["moments"] += 1
+        return moments(*args)
+
+    def counted_project(t, directions_t, out, memo, key):
+        counts["projections"] += memo is not None and key not in memo  # (not the floor's)
+        return project(t, directions_t, out, memo, key)
+
+    monkeypatch.setattr(shift, "_column_moments", counted_moments)
+    monkeypatch.setattr(_sliced, "_project", counted_project)
+    fresh = run(reuse_probe=False)
+    fresh_counts = dict(counts)
+    counts.update(moments=0, projections=0)
+    reused = run()
+    assert_same_run(fresh, reused)  # to the bit
+    # 2 layers, 5 steps: both sides each step, against both at step 0 then one per step
+    assert fresh_counts == {"moments": 20, "projections": 20}
+    assert counts == {"moments": 12, "projections": 12}
+
+
 def test_a_reused_capture_equals_a_fresh_one():
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
