@@ -271,3 +271,27 @@ def test_moment_drift_sees_what_batchnorm_leaves_free():
     drift = moment_drift(x, y)
     assert drift["drift_mean"] < 1e-12 and drift["drift_var"] < 1e-12
     assert drift["drift_m4"] == pytest.approx(2.0, abs=0.5)  # fourth moment 3 -> 1
+
+
+@pytest.mark.parametrize("shape", [((30, 5), (30, 5)), ((20, 7), (33, 7)), ((9, 1), (4, 1))])
+def test_moment_drift_is_each_formula(shape):
+    from ics_toolkit.moments import moment_drift
+
+    rng = np.random.default_rng(len(shape[1]) + shape[0][0])
+    x = rng.normal(size=shape[0]) * rng.uniform(0.5, 2, size=shape[0][1]) + 1.0
+    y = rng.standard_t(4, size=shape[1]) * 1.5 - 0.5  # other variances and fourth moments
+
+    def moments(s):
+        mu = s.mean(axis=0)
+        return mu, ((s - mu) ** 2).mean(axis=0), ((s - mu) ** 4).mean(axis=0)
+
+    (mx, vx, kx), (my, vy, ky) = moments(x), moments(y)
+    norms_x, norms_y = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
+    drift = moment_drift(x, y)
+    assert drift["drift_mean"] == pytest.approx(np.linalg.norm(mx - my), rel=1e-12)
+    assert drift["drift_var"] == pytest.approx(np.linalg.norm(vx - vy), rel=1e-12)
+    assert drift["drift_m4"] == pytest.approx(np.linalg.norm(kx - ky), rel=1e-12)
+    # the biased variances of the row norms, and their difference (not their sum)
+    expected = abs(norms_x.var() - norms_y.var())
+    assert drift["drift_norm_var"] == pytest.approx(expected, rel=1e-10)
+    assert moment_drift(x, x) == {k: 0.0 for k in drift}
