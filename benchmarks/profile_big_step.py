@@ -11,6 +11,7 @@ Usage::
 
     python benchmarks/profile_big_step.py                       # ResNet-50, probe 64
     python benchmarks/profile_big_step.py --model vit --probe 16
+    python benchmarks/profile_big_step.py --every 1              # steady state, pass reused
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def main() -> None:
     parser.add_argument("--model", choices=("resnet50", "vit"), default="resnet50")
     parser.add_argument("--probe", type=int, default=64)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--every", type=int, choices=(1, 2), default=2, help="1: steps 2 and 3 measured too"
+    )
     args = parser.parse_args()
 
     import transformers as tf
@@ -49,7 +53,10 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        monitor = ics.ICSMonitor(model, probe, every=lambda s: s % 2 == 1, seed=0)
+        # every=2: steps 1 and 3 measured, each with two probe passes; every=1: steps 1..3,
+        # so step 3 reuses the pass after step 2 (one probe pass, the steady state)
+        every = (lambda s: s % 2 == 1) if args.every == 2 else (lambda s: s >= 1)
+        monitor = ics.ICSMonitor(model, probe, every=every, seed=0)
     monitor.attach(opt)
 
     def step() -> float:
@@ -62,7 +69,9 @@ def main() -> None:
 
     step()  # step 0, not measured: warm-up
     step()  # step 1, measured: the one-time costs
-    print(f"plain training step {step():.2f} s")  # step 2, not measured
+    seconds_2 = step()  # step 2: plain (every=2) or measured (every=1)
+    if args.every == 2:
+        print(f"plain training step {seconds_2:.2f} s")
     with torch.no_grad():
         start = time.perf_counter()
         model(pixel_values=probe)

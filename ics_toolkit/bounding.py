@@ -632,14 +632,17 @@ def _best_axis(
         return max(start, float(_sliced.coordinate_group([tx], [ty], tx.dtype)[0].max()))
     upper = _differences(tx, ty).column_abs_gap if column_abs_gap is None else column_abs_gap
     best = start
-    order = torch.argsort(upper, descending=True)
-    values = upper[order].tolist()
-    for lo in range(0, d, _AXIS_CHUNK):
-        if values[lo] <= best:
+    # the largest upper values a chunk at a time (top-k, O(d) each), not a sort of all d:
+    # the search usually stops after a chunk or two
+    remaining = upper.clone()
+    for _ in range(0, d, _AXIS_CHUNK):
+        values, cols = torch.topk(remaining, min(_AXIS_CHUNK, d))
+        if float(values[0]) <= best:
             break
-        cols = order[lo : lo + _AXIS_CHUNK]
+        cols = cols[values > best]  # the others cannot beat the best measured one
         w1 = _sliced.coordinate_group([tx[:, cols]], [ty[:, cols]], tx.dtype)[0]
         best = max(best, float(w1.max()))
+        remaining[cols] = -math.inf
     return best
 
 
