@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -357,21 +357,32 @@ def _u3_stored(
 
 
 def _u3_float32_sums(
-    fa: torch.Tensor, fb: torch.Tensor, channels: int
+    fa: torch.Tensor, fb: torch.Tensor, channels: int, m2x: float | None = None
 ) -> tuple[float, float, float, torch.Tensor]:
     """Mean ||a_i||^2, mean ||b_i||^2, mean ||a_i - b_i||^2 and sum_i b_i^2 per channel.
 
-    Of float32 (n, d) rows, without a float64 copy: float32 row norms (accurate to ~1e-6
-    relative, unlike one float32 norm of the whole tensor) combined in float64.
+    Of float32 (n, d) rows, without a float64 copy: float32 norms of each row's channels
+    (accurate to ~1e-6 relative, unlike one float32 norm of the whole tensor) combined in
+    float64; mean ||b_i||^2 is the sum of b's per-channel sums. ``m2x``: mean ||a_i||^2
+    when a caller has it (the same formula on ``fa``, e.g. from the step before).
     """
     n = fa.shape[0]
 
-    def mean_sq(t: torch.Tensor) -> float:
-        return float(torch.linalg.vector_norm(t, dim=1).double().square().sum()) / n
+    def channel_sq(t: torch.Tensor) -> torch.Tensor:  # (n, C): ||t_ic||^2 in float64
+        return torch.linalg.vector_norm(t.reshape(n, channels, -1), dim=2).double().square()
 
-    per_channel = torch.linalg.vector_norm(fb.reshape(n, channels, -1), dim=2)  # (n, C)
-    column_sq = per_channel.double().square().sum(dim=0)
-    return mean_sq(fa), mean_sq(fb), mean_sq(fa - fb), column_sq
+    column_sq = channel_sq(fb).sum(dim=0)
+    m2y = float(column_sq.sum()) / n
+    if m2x is None:
+        m2x = float(channel_sq(fa).sum()) / n
+    # ||a_i - b_i|| in row blocks through one buffer: no n x d difference allocated
+    step = max(1, 2**18 // fa.shape[1])
+    buf = torch.empty((min(step, n), fa.shape[1]), dtype=fa.dtype, device=fa.device)
+    gap = torch.zeros((), dtype=torch.float64, device=fa.device)
+    for lo in range(0, n, step):
+        diff = torch.sub(fa[lo : lo + step], fb[lo : lo + step], out=buf[: min(step, n - lo)])
+        gap += torch.linalg.vector_norm(diff, dim=1).double().square().sum()
+    return m2x, m2y, float(gap) / n, column_sq
 
 
 def _u3_stored_terms(
@@ -380,6 +391,7 @@ def _u3_stored_terms(
     weights: tuple[torch.Tensor | None, torch.Tensor | None],
     biases: tuple[torch.Tensor | None, torch.Tensor | None],
     precise: bool = True,
+    memo: tuple[dict, dict, Any] | None = None,
 ) -> tuple[float, float, float, float]:
     """The terms of U3 (core, eps, gamma change, beta change) from stored normalized values.
 
@@ -388,16 +400,22 @@ def _u3_stored_terms(
     per-channel (C,) parameters (None: 1 and 0). The same formula as :func:`_u3_parts`
     on the flattened float64 values, but accumulated in float64 over row blocks
     converted one at a time: no float64 copy of the layer, one pass over each side.
-    ``precise=False`` (the float32 analysis) sums float32 row norms instead: within
-    ~1e-6 relative of the float64 sums. U3 is the sum of the four terms, U3_tight the
-    sum without the eps term (:func:`_u3_tight`).
+    ``precise=False`` (the float32 analysis) sums float32 norms instead: within ~1e-6
+    relative of the float64 sums; there ``memo`` = (cache of xa, cache of xb, key) keeps
+    each side's mean squared norm (a monitor's capture reused as the next step's "before"
+    brings it). U3 is the sum of the four terms, U3_tight the sum without the eps term
+    (:func:`_u3_tight`).
     """
     n, channels = xa.shape[0], xa.shape[1]
     fa, fb = xa.reshape(n, -1), xb.reshape(n, -1)
     d = fa.shape[1]
     f64 = {"dtype": torch.float64, "device": xa.device}
     if not precise and fa.dtype == torch.float32:
-        m2x_, m2y_, gap_sq, column_sq = _u3_float32_sums(fa, fb, channels)
+        known = None if memo is None else memo[0].get(memo[2])
+        m2x_, m2y_, gap_sq, column_sq = _u3_float32_sums(fa, fb, channels, known)
+        if memo is not None:
+            memo[0].setdefault(memo[2], m2x_)
+            memo[1].setdefault(memo[2], m2y_)
     else:
         m2x, m2y, gap = (torch.zeros((), **f64) for _ in range(3))
         column_sq = torch.zeros(channels, **f64)

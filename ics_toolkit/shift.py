@@ -702,6 +702,7 @@ def _bound_rows(
                 (a.weight, b.weight),
                 (a.bias, b.bias),
                 precise=config.precision == "float64",
+                memo=(before.cache, after.cache, (key, "x_hat_mean_sq")),
             )
         else:
             norms = norm_pair(a, b, name, g["opts"])
