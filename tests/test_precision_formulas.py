@@ -163,6 +163,30 @@ def test_float32_u3_terms_equal_the_direct_formula_when_second_moments_differ():
         assert fast == pytest.approx(direct, rel=1e-6)  # float32 row norms: ~1e-7
 
 
+def test_float32_u3_eps_term_of_a_wide_layer_is_accurate():
+    # a wide BatchNorm layer (64 channels of 56 x 56, ResNet-50's first stage) in train
+    # mode: mean ||x_hat_i||^2 is d (1 - ~1e-6), so U3's eps part 2 d' - m2x - m2y is a
+    # difference of near-equal sums; float32 norms of whole rows got it 150 % wrong here,
+    # one norm per channel 0.25 % to 0.7 % (seeds 1-3); pieces of 16 values: <= 3e-4
+    gen = torch.Generator().manual_seed(1)
+    n, channels, side = 16, 64, 56
+
+    def normalized(x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        return ((x - mean) / torch.sqrt(var + 1e-5)).float()
+
+    x = torch.randn(n, channels, side, side, generator=gen, dtype=torch.float64) * 3 + 1
+    xa = normalized(x)
+    xb = normalized(x + 0.01 * torch.randn(x.shape, generator=gen, dtype=torch.float64))
+    none = (None, None)
+    precise = bounding._u3_stored_terms(xa, xb, none, none, precise=True)
+    fast = bounding._u3_stored_terms(xa, xb, none, none, precise=False)
+    assert precise[1] > 0
+    assert fast[1] == pytest.approx(precise[1], rel=1e-3)  # the eps term, of itself
+    assert fast[0] == pytest.approx(precise[0], rel=1e-5)  # the core: float32 row norms
+
+
 def _bn_steps(precision: str) -> tuple[shift.StepCapture, shift.StepCapture]:
     from ics_toolkit.models import SmallCNN
 
