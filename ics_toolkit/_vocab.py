@@ -169,7 +169,7 @@ FLOAT32_ERROR = 1e-4
 
 #: The same for U3, and for its ``U3_eps`` term relative to U3: the paper's core
 #: sqrt(2 (d' - c)) amplifies the float32 rounding of the stored normalized values by
-#: ~d / core^2, in either precision (measured: 2.5e-4 on the CNN of
+#: ~d / core^2, in either precision (measured: 5.8e-4 on the CNN of
 #: ``python benchmarks/precision.py``); all of it is in the eps part
 #: 2 d' - m2(x_hat) - m2(y_hat). U3_tight and its ``U3_core`` (the RMS gap of the
 #: normalized values, as U2) are within :data:`FLOAT32_ERROR`.

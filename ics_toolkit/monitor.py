@@ -168,7 +168,7 @@ class ICSMonitor:
         stored, about twice as fast: every estimate, floor, bound and interval is within
         a relative 1e-4 of the float64 value (:data:`ics_toolkit._vocab.FLOAT32_ERROR`,
         tested; U3 within 1e-3, L2 and drift_norm_var within 1e-4 of the layer's scale;
-        measured at most 9.3e-6, U3 2.5e-4: ``python benchmarks/precision.py``), the
+        measured at most 9.3e-6, U3 5.8e-4: ``python benchmarks/precision.py``), the
         ``exact`` solver runs in float64 on the float32 cost matrix, and the bounds are
         checked with ``max(rtol, 1e-5)``.
         ``"float64"`` is the reference (the main job ``ics-toolkit run`` uses it).
