@@ -100,9 +100,14 @@ def test_a_reused_capture_brings_what_was_computed_from_it(monkeypatch: pytest.M
         counts["moments"] += 1
         return moments(*args)
 
+    missing = object()
+
     def counted_project(t, directions_t, out, memo, key):
-        counts["projections"] += memo is not None and key not in memo  # (not the floor's)
-        return project(t, directions_t, out, memo, key)
+        kept = missing if memo is None else memo.get(key, missing)
+        project(t, directions_t, out, memo, key)
+        if memo is not None and kept is not missing:  # the kept sorted values, no product
+            assert isinstance(kept, torch.Tensor) and torch.equal(out, kept)
+        counts["projections"] += memo is not None and kept is missing  # (not the floor's)
 
     monkeypatch.setattr(shift, "_column_moments", counted_moments)
     monkeypatch.setattr(_sliced, "_project", counted_project)
