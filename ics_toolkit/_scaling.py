@@ -42,6 +42,7 @@ __all__ = [
     "scale_columns",
     "unscale",
     "unscale_columns",
+    "window",
 ]
 
 #: Largest |value| (per computing dtype) left as is: squares, and sums of up to 2^30 of
@@ -70,7 +71,8 @@ T = TypeVar("T", float, torch.Tensor, np.ndarray)
 C = TypeVar("C", torch.Tensor, np.ndarray)
 
 
-def _window(dtype: torch.dtype) -> tuple[float, float]:
+def window(dtype: torch.dtype) -> tuple[float, float]:
+    """:data:`SAFE` of ``dtype`` (that of float32 for the dtypes it does not list)."""
     return SAFE.get(dtype, SAFE[torch.float32])
 
 
@@ -88,7 +90,7 @@ def exponent(*samples: torch.Tensor, dtype: torch.dtype | None = None) -> int:
             top = max(top, -float(low), float(high))
     if top == 0.0 or not math.isfinite(top):
         return 0
-    low, high = _window(dtype or samples[0].dtype)
+    low, high = window(dtype or samples[0].dtype)
     if low <= top <= high:
         return 0
     return math.frexp(top)[1]
@@ -103,7 +105,7 @@ def column_exponents(*samples: torch.Tensor, dtype: torch.dtype | None = None) -
     for t in samples:  # no |t| copy of the samples (and amin, amax beat aminmax along dim 0)
         tops.append(torch.maximum(t.amin(dim=0).neg_(), t.amax(dim=0)))
     top = torch.stack(tops).amax(dim=0).to("cpu", torch.float64).numpy()
-    low, high = _window(dtype or samples[0].dtype)
+    low, high = window(dtype or samples[0].dtype)
     e = np.frexp(top)[1]
     keep = (top == 0) | ~np.isfinite(top) | ((low <= top) & (top <= high))
     return np.where(keep, 0, e).astype(np.int64)

@@ -370,9 +370,9 @@ def _u3_float32_sums(
     positions = fa.shape[1] // channels
     # float32 norms of pieces of at most 16 values, squared and summed in float64: each
     # norm rounds once, so the sums' error averages out over many pieces. U3's eps part
-    # 2 d' - m2x - m2y is a difference of near-equal sums: on a 64 x 56 x 56 layer this is
-    # within ~3e-4 of it, one norm per channel within ~7e-3, one per row 150 % off
-    # (tests/test_precision_formulas.py)
+    # 2 d' - m2x - m2y is a difference of near-equal sums: on the 64 x 56 x 56 layer of
+    # tests/test_precision_formulas.py this is within 9e-5 of it, one norm per channel
+    # 6.6e-3 off, one per row 150 % (the test checks that order)
     piece = max(c for c in range(1, 17) if positions % c == 0)
 
     def channel_sq(t: torch.Tensor) -> torch.Tensor:  # (n, C): ||t_ic||^2 in float64

@@ -217,15 +217,27 @@ def _to_safe_scale(
     (a length per column) one ``2^-e[k]`` per column.
     """
     tx, ty = _convert_pair(x, y, names, dtype=None, check_finite=False)
-    dtype = _compute_dtype(method, opts, tx.dtype)
+    (tx, ty), e = _safe_scale(method, opts, tx, ty)
+    return tx, ty, e
+
+
+def _safe_scale(
+    method: str, opts: Mapping[str, Any], *samples: torch.Tensor
+) -> tuple[list[torch.Tensor], int | np.ndarray]:
+    """``samples`` times one power of two, in the dtype ``method`` computes in, and e.
+
+    One ``2^-e`` for all (one per column for ``per_coordinate``): see :func:`_to_safe_scale`.
+    """
+    dtype = _compute_dtype(method, opts, samples[0].dtype)
     # scaled in the samples' dtype (exact), then converted: float64 samples at 1e100
     # computed in float32 must not pass through a float32 copy of themselves
     if method == "per_coordinate":
-        ek = _scaling.column_exponents(tx, ty, dtype=dtype)
-        tx, ty = _scaling.scale_columns(tx, ek), _scaling.scale_columns(ty, ek)
-        return tx.to(dtype), ty.to(dtype), ek
-    e = _scaling.exponent(tx, ty, dtype=dtype)
-    return _scaling.scale(tx, e).to(dtype), _scaling.scale(ty, e).to(dtype), e
+        e: int | np.ndarray = _scaling.column_exponents(*samples, dtype=dtype)
+        scaled = [_scaling.scale_columns(t, e) for t in samples]
+    else:
+        e = _scaling.exponent(*samples, dtype=dtype)
+        scaled = [_scaling.scale(t, e) for t in samples]
+    return [t.to(dtype) for t in scaled], e
 
 
 def _from_safe_scale(
@@ -1287,14 +1299,8 @@ def sampling_floor(
             f"`x` has {n} samples; sampling_floor splits it into two halves of at least "
             "2 samples each, so it needs at least 4"
         )
-    dtype = _compute_dtype(method, opts, t.dtype)
-    if method == "per_coordinate":
-        e: int | np.ndarray = _scaling.column_exponents(t, dtype=dtype)
-        t = _scaling.scale_columns(t, e)
-    else:
-        e = _scaling.exponent(t, dtype=dtype)
-        t = _scaling.scale(t, e)
-    first, second = _halves(t.to(dtype), seed)
+    (t,), e = _safe_scale(method, opts, t)
+    first, second = _halves(t, seed)
     value, info = _single(first, second, ("x", "x"), method, opts, n_projections, seed)
     value, info = _from_safe_scale(value, info, e, method, log, ("x", "x"))
     info["half_size"] = n // 2

@@ -139,7 +139,7 @@ def _norm(v: torch.Tensor) -> float:
     if not v.numel():
         return 0.0
     top = float(v.abs().max())
-    low, high = _scaling.SAFE.get(v.dtype, _scaling.SAFE[torch.float32])
+    low, high = _scaling.window(v.dtype)
     if low <= top <= high or top == 0.0 or not math.isfinite(top):
         return float(torch.linalg.vector_norm(v))
     return top * float(torch.linalg.vector_norm(v / top))

@@ -166,8 +166,8 @@ def test_float32_u3_terms_equal_the_direct_formula_when_second_moments_differ():
 def test_float32_u3_eps_term_of_a_wide_layer_is_accurate():
     # a wide BatchNorm layer (64 channels of 56 x 56, ResNet-50's first stage) in train
     # mode: mean ||x_hat_i||^2 is d (1 - ~1e-6), so U3's eps part 2 d' - m2x - m2y is a
-    # difference of near-equal sums; float32 norms of whole rows got it 150 % wrong here,
-    # one norm per channel 0.25 % to 0.7 % (seeds 1-3); pieces of 16 values: <= 3e-4
+    # difference of near-equal sums: the float32 norms it is summed from must be of
+    # short pieces (16 values); of whole rows or whole channels they are not enough
     gen = torch.Generator().manual_seed(1)
     n, channels, side = 16, 64, 56
 
@@ -185,6 +185,18 @@ def test_float32_u3_eps_term_of_a_wide_layer_is_accurate():
     assert precise[1] > 0
     assert fast[1] == pytest.approx(precise[1], rel=1e-3)  # the eps term, of itself
     assert fast[0] == pytest.approx(precise[0], rel=1e-5)  # the core: float32 row norms
+
+    def eps_part_from(piece: int) -> float:  # float32 norms of pieces of `piece` values
+        def m2(t: torch.Tensor) -> float:
+            norms = torch.linalg.vector_norm(t.reshape(n, -1, piece), dim=2)
+            return float(norms.double().square().sum()) / n
+
+        gap = float((xa.double() - xb.double()).square().sum()) / n
+        return bounding._u3_split(m2(xa), m2(xb), gap, channels * side * side)[1]
+
+    error = {p: abs(eps_part_from(p) / precise[1] - 1) for p in (16, side * side, xa[0].numel())}
+    assert error[16] < 1e-3 < error[side * side] < error[xa[0].numel()]  # pieces, channel, row
+    assert error[xa[0].numel()] > 0.5  # one norm per row: the eps part more than half off
 
 
 def _bn_steps(precision: str) -> tuple[shift.StepCapture, shift.StepCapture]:
