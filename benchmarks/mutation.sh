@@ -6,6 +6,8 @@
 #       tests/test_extreme_scales.py tests/test_precision.py tests/test_speed_paths.py \
 #       tests/test_precision_formulas.py
 #
+#   FUNCTIONS="_u3_float32_sums _best_axis" bash benchmarks/mutation.sh ics_toolkit/bounding.py ...
+#
 # Works in a fresh clone of this checkout under a temporary folder (mutmut rewrites the
 # package into mutants/ there; nothing here changes), mutates only the given module and
 # prints each surviving mutant's diff: a survivor is a change of the formula code no test
@@ -33,8 +35,14 @@ tests_dir = [${tests%, }]
 pytest_add_cli_args = ["-p", "no:cacheprovider"]
 EOF
 pattern=$(echo "${module%.py}" | tr / .)
-mutmut run --max-children "$(nproc)" "${pattern}*" > mutmut.log 2>&1 || true
-results=$(mutmut results --all true 2>/dev/null | grep "^ *${pattern}\." || true)
+# FUNCTIONS="_u3_float32_sums _best_axis" limits the run to those functions of the module
+targets=("${pattern}*")
+if [ -n "${FUNCTIONS:-}" ]; then
+    targets=()
+    for f in $FUNCTIONS; do targets+=("${pattern}.x_${f}__mutmut_*"); done
+fi
+mutmut run --max-children "$(nproc)" "${targets[@]}" > mutmut.log 2>&1 || true
+results=$(mutmut results --all true 2>/dev/null | grep "^ *${pattern}\." | grep -v "not checked" || true)
 echo "$module:" $(echo "$results" | awk -F': ' '{print $2}' | sort | uniq -c | tr '\n' ' ')
 echo "$results" | grep ": survived" | sed 's/: survived//' | while read -r name; do
     echo "--- $name"
