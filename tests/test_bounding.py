@@ -295,3 +295,22 @@ def test_moment_drift_is_each_formula(shape):
     expected = abs(norms_x.var() - norms_y.var())
     assert drift["drift_norm_var"] == pytest.approx(expected, rel=1e-10)
     assert moment_drift(x, x) == {k: 0.0 for k in drift}
+
+
+def test_the_axis_search_reaches_a_column_its_upper_values_rank_last():
+    # 600 columns shuffled within themselves (W1 0, large mean |x - y|) rank first by the
+    # search's upper values; the one column that moved (W1 1, upper value 1) ranks after
+    # them, beyond the first chunks: the search must still measure it
+    from ics_toolkit import _sliced, bounding
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 800, generator=gen, dtype=torch.float64)
+    x[:, :600] *= 10
+    y = x.clone()
+    y[:, :600] = x[torch.randperm(64, generator=gen), :600]
+    y[:, 700] += 1.0
+    upper = bounding._differences(x, y).column_abs_gap
+    assert int((upper > upper[700]).sum()) >= 2 * bounding._AXIS_CHUNK  # ranked late
+    every = float(_sliced.coordinate_group([x], [y], torch.float64)[0].max())
+    assert every == pytest.approx(1.0, rel=1e-12)
+    assert bounding._best_axis(x, y, 0.0) == every

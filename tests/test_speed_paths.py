@@ -109,16 +109,27 @@ def test_a_reused_capture_brings_what_was_computed_from_it(monkeypatch: pytest.M
             assert isinstance(kept, torch.Tensor) and torch.equal(out, kept)
         counts["projections"] += memo is not None and kept is missing  # (not the floor's)
 
+    from ics_toolkit import bounding
+
+    sums = bounding._u3_float32_sums
+
+    def counted_sums(fa, fb, channels, m2x=None):
+        counts["x_hat_mean_sq"] += m2x is None  # the "before" side's computed again
+        return sums(fa, fb, channels, m2x)
+
     monkeypatch.setattr(shift, "_column_moments", counted_moments)
     monkeypatch.setattr(_sliced, "_project", counted_project)
+    monkeypatch.setattr(bounding, "_u3_float32_sums", counted_sums)
+    counts["x_hat_mean_sq"] = 0
     fresh = run(reuse_probe=False)
     fresh_counts = dict(counts)
-    counts.update(moments=0, projections=0)
+    counts.update(moments=0, projections=0, x_hat_mean_sq=0)
     reused = run()
     assert_same_run(fresh, reused)  # to the bit
-    # 2 layers, 5 steps: both sides each step, against both at step 0 then one per step
-    assert fresh_counts == {"moments": 20, "projections": 20}
-    assert counts == {"moments": 12, "projections": 12}
+    # 2 layers, 5 steps: both sides each step, against both at step 0 then one per step;
+    # U3's mean squared norm of the normalized values: each step, against step 0 only
+    assert fresh_counts == {"moments": 20, "projections": 20, "x_hat_mean_sq": 10}
+    assert counts == {"moments": 12, "projections": 12, "x_hat_mean_sq": 2}
 
 
 def test_a_reused_capture_equals_a_fresh_one():
