@@ -405,6 +405,11 @@ def test_sampling_floor():
     assert sampling_floor(big, "sliced") < sampling_floor(big[:40], "sliced")
     with pytest.raises(ICSValueError, match=r"`x` has 3 samples; .* at least 4"):
         sampling_floor(sample(3, 2))
+    assert sampling_floor(sample(4, 2), "exact") > 0  # 4 is enough: two halves of 2
+    # the documented defaults: seed 0, and 128 directions for the sliced floors
+    assert sampling_floor(x) == sampling_floor(x, "exact", seed=0) != floor
+    assert sampling_floor(x, "sliced") == sampling_floor(x, "sliced", n_projections=128)
+    assert sampling_floor(x, "sliced") != sampling_floor(x, "sliced", n_projections=129)
 
 
 # -------------------------------------------------------------------- bad input
