@@ -349,3 +349,43 @@ def test_plot_ics_draws_unresolved_steps_apart():
     fig = plot_ics(_table({0: 0.5, 1: 0.6}))
     labels = {line.get_label() for line in fig.axes[0].get_lines()}
     assert not any("resolution" in label for label in labels)  # nothing unresolved
+
+
+def test_the_resolution_is_its_formula_term_by_term():
+    # each side adds its own term: the channel view's per-column bound, and the flatten
+    # view's with a sketch's roundings before the projection (u_pre scale ||v|| +
+    # a_pre sqrt(width)), each with the a priori growth factors of its float64 sums
+    gen = torch.Generator().manual_seed(5)
+    n, d = 1000, 6
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    y = 3 * torch.randn(n, d, generator=gen, dtype=torch.float64) + 1
+    dtypes = (torch.bfloat16, torch.float16, torch.float64)
+    u, a = _resolution.chain(dtypes)
+    u64 = torch.finfo(torch.float64).eps / 2
+    assert u > 0 and a > 0
+
+    def channel_side(v: torch.Tensor) -> float:
+        size = float(v.abs().mean(dim=0).max())
+        return u * size * (1 + 2 * (n + 1) * u64) + a
+
+    expected = channel_side(x) + channel_side(y)
+    got = _resolution.resolution((x, y), dtypes, "channel")
+    assert got == pytest.approx(expected, rel=1e-15)
+    assert got > channel_side(x) + a and got > channel_side(y) + a  # both sides count
+
+    pre = (torch.float32, torch.float16)
+    u_pre, a_pre = _resolution.chain(pre)
+    scale, width = 3.5, 4096
+
+    def flatten_side(v: torch.Tensor) -> float:
+        grows = 2 * (d + 1) * u64 + 2 * (n + 1) * u64
+        mean = float(v.norm(dim=1).sum()) / n * (1 + grows)
+        return (u + u_pre * scale) * mean + a * math.sqrt(d) + a_pre * math.sqrt(width)
+
+    got = _resolution.resolution((x, y), dtypes, "flatten", sketch=(pre, scale, width))
+    assert got == pytest.approx(flatten_side(x) + flatten_side(y), rel=1e-14)
+    # at scale_e the relative part is in the stored units, the absolute part is not
+    scaled = _resolution.resolution((x, y), dtypes, "flatten", scale_e=3)
+    plain = _resolution.resolution((x, y), dtypes, "flatten")
+    absolute = 2 * a * math.sqrt(d)
+    assert scaled - absolute == pytest.approx(8 * (plain - absolute), rel=1e-14)
