@@ -352,6 +352,7 @@ def test_plot_ics_draws_unresolved_steps_apart():
 
 
 def test_the_resolution_is_its_formula_term_by_term():
+    # (abs=0: pytest.approx's default abs=1e-12 is larger than these terms' factors)
     # each side adds its own term: the channel view's per-column bound, and the flatten
     # view's with a sketch's roundings before the projection (u_pre scale ||v|| +
     # a_pre sqrt(width)), each with the a priori growth factors of its float64 sums
@@ -370,7 +371,7 @@ def test_the_resolution_is_its_formula_term_by_term():
 
     expected = channel_side(x) + channel_side(y)
     got = _resolution.resolution((x, y), dtypes, "channel")
-    assert got == pytest.approx(expected, rel=1e-15)
+    assert got == pytest.approx(expected, rel=1e-15, abs=0)
     assert got > channel_side(x) + a and got > channel_side(y) + a  # both sides count
 
     pre = (torch.float32, torch.float16)
@@ -383,9 +384,17 @@ def test_the_resolution_is_its_formula_term_by_term():
         return (u + u_pre * scale) * mean + a * math.sqrt(d) + a_pre * math.sqrt(width)
 
     got = _resolution.resolution((x, y), dtypes, "flatten", sketch=(pre, scale, width))
-    assert got == pytest.approx(flatten_side(x) + flatten_side(y), rel=1e-14)
+    assert got == pytest.approx(flatten_side(x) + flatten_side(y), rel=1e-14, abs=0)
     # at scale_e the relative part is in the stored units, the absolute part is not
     scaled = _resolution.resolution((x, y), dtypes, "flatten", scale_e=3)
     plain = _resolution.resolution((x, y), dtypes, "flatten")
     absolute = 2 * a * math.sqrt(d)
-    assert scaled - absolute == pytest.approx(8 * (plain - absolute), rel=1e-14)
+    assert scaled - absolute == pytest.approx(8 * (plain - absolute), rel=1e-14, abs=0)
+    # rows too wide for float32 norms' a priori error (2 (d + 1) u > 1/2): float64 norms
+    wide = 2**22 + 2**15  # 2 (d + 1) 2^-24 = 0.504
+    v = torch.full((2, wide), 0.5)
+    got = _resolution.resolution((v, v), (torch.float32,), "flatten", (v.norm(dim=1),) * 2)
+    u32, a32 = _resolution.chain((torch.float32,))
+    grows = 2 * (wide + 1) * u64 + 2 * 3 * u64
+    side = u32 * 0.5 * math.sqrt(wide) * (1 + grows) + a32 * math.sqrt(wide)
+    assert got == pytest.approx(2 * side, rel=1e-12, abs=0)
