@@ -17,6 +17,7 @@ from scipy.linalg import hadamard
 from torch import nn
 
 import ics_toolkit as ics
+import ics_toolkit.sketch as sketch_module
 from ics_toolkit.bounding import bounds
 from ics_toolkit.distances import ORDER_RTOL
 from ics_toolkit.sketch import (
@@ -74,6 +75,31 @@ def test_the_sketch_is_the_subsampled_randomized_hadamard_transform(d):
     x = torch.randn(9, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(sk(x), x @ reference.T, rtol=0, atol=1e-12)
     assert sorted(set(sk.rows().tolist())) == sorted(sk.rows().tolist())  # distinct rows
+
+
+def _hadamard_rows_numpy(rows: np.ndarray, dp: int) -> np.ndarray:
+    """Rows of the Sylvester-Hadamard matrix from its definition, (-1)^popcount(i & j)."""
+    return 1.0 - 2.0 * (np.bitwise_count(rows[:, None] & np.arange(dp)[None, :]) % 2)
+
+
+@pytest.mark.parametrize(("d", "k"), [(20000, 64), (16384, 256), (40000, 200), (20000, 257)])
+def test_a_wide_sketch_is_the_same_matrix_whichever_way_it_is_computed(d, k, monkeypatch):
+    # rows of >= 2^14 (padded) and k <= 256 compute only the k kept coordinates; k = 257
+    # transforms every coordinate: both are S H D E / sqrt(d'), against the definition
+    sk = Sketch(d, k, seed=11)
+    dp = padded_dim(d)
+    h = torch.from_numpy(_hadamard_rows_numpy(sk.rows().numpy(), dp))
+    reference = h[:, :d] * sk.signs().double() / math.sqrt(dp)
+    x = torch.randn(7, d, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    got = sk(x)
+    torch.testing.assert_close(got, x @ reference.T, rtol=0, atol=1e-12)
+    monkeypatch.setattr(sketch_module, "KEPT_MAX_K", 0)  # the whole transform, then S
+    torch.testing.assert_close(sk(x), got, rtol=0, atol=1e-12)
+    # float32 input: float32 arithmetic, within a few units of its rounding
+    got32 = sk(x.float())
+    assert got32.dtype == torch.float32
+    err = float((got32.double() - got).abs().max() / got.abs().max())
+    assert 0 < err < 1e-5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
