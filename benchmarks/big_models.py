@@ -17,6 +17,16 @@ project's VMs, held memory alone slows a training step: its page faults cost mor
 Unmeasured and measured steps of the same batch size n alternate, so both see the same
 machine load; the ratio is the median measured step over the median unmeasured one.
 
+The allocator matters on a CPU: glibc's malloc hands every block above 32 MiB back to
+the operating system when it is freed, so each training step of a large model faults
+in its activations again (on this project's VMs about 6 million page faults, 60-70 %
+of a ResNet-50 step at batch 64, and slower still while more memory is held).
+``--allocator keep`` runs each configuration with glibc keeping freed memory for reuse
+(``MALLOC_MMAP_MAX_=0``, ``MALLOC_TRIM_THRESHOLD_`` very large: the effect of the
+jemalloc / tcmalloc preload that CPU training guides recommend); ``default`` (the
+default) leaves the environment as it is. The same setting applies to the plain and
+the measured steps of a run.
+
 Printed per configuration: the memory plan's choice and predicted peak, the steps'
 medians and their ratio, where a measured step's time goes (probe passes, the views
 and scans outside every estimator, the estimators by family, from ``perf_counter``
@@ -31,6 +41,7 @@ Usage::
     python benchmarks/big_models.py --device cuda        # the GPU variant
     python benchmarks/big_models.py --memory-budget none # the monitor without a plan
     python benchmarks/big_models.py --sketch 256         # every wide layer sketched
+    python benchmarks/big_models.py --allocator keep     # freed memory kept for reuse
 
 Needs ``transformers`` (models from configs only, ``HF_HUB_OFFLINE=1`` is set). Not run
 by the test suite.
@@ -51,6 +62,12 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+#: Environment of each configuration's process, by ``--allocator``.
+ALLOCATORS: dict[str, dict[str, str]] = {
+    "default": {},
+    "keep": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)},
+}
 
 ESTIMATOR_FAMILIES = {
     "sliced": "sliced+max_sliced",
@@ -224,7 +241,8 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
 def show(r: dict[str, Any]) -> None:
     print(
         f"\n== {r['model']}, probe {r['probe']}, {r['device']} ({r['threads']} threads), "
-        f"{r['rounds']} rounds, every={r.get('every', 2)}"
+        f"{r['rounds']} rounds, every={r.get('every', 2)}, "
+        f"allocator {r.get('allocator', 'default')}"
     )
     print(f"   plan: {r['plan']}")
     print(
@@ -267,6 +285,12 @@ def main() -> None:
     parser.add_argument(
         "--every", type=int, choices=(1, 2), default=2, help="2: every other step; 1: every step"
     )
+    parser.add_argument(
+        "--allocator",
+        choices=tuple(ALLOCATORS),
+        default="default",
+        help="keep: glibc keeps freed memory for reuse (see the module docs)",
+    )
     parser.add_argument("--json", default="", help="append each result as a JSON line")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -301,13 +325,15 @@ def main() -> None:
                 "--every",
                 str(args.every),
             ]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            env = {**os.environ, **ALLOCATORS[args.allocator]}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode != 0 or not lines:
                 tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
                 print(f"\n== {model}, probe {n}: FAILED (exit {out.returncode}): {tail}")
                 continue
             result = json.loads(lines[-1][len("RESULT ") :])
+            result["allocator"] = args.allocator
             show(result)
             if args.json:
                 with open(args.json, "a", encoding="utf-8") as fh:
