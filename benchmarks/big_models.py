@@ -30,8 +30,9 @@ the measured steps of a run.
 Printed per configuration: the memory plan's choice and predicted peak, the steps'
 medians and their ratio, where a measured step's time goes (probe passes, the views
 and scans outside every estimator, the estimators by family, from ``perf_counter``
-timers around the monitor's parts and the rows' ``wall_time_s``), and the peak
-memory (the process's resident high-water mark; on CUDA also the device's).
+timers around the monitor's parts and the rows' ``wall_time_s``), the peak memory (the
+process's resident high-water mark; on CUDA also the device's), and the minor page
+faults of an unmeasured training step (see ``--allocator``).
 
 Usage::
 
@@ -156,9 +157,12 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     plan = monitor.memory_plan()
     monitor.attach(opt)
 
-    def train_step() -> float:
+    faults: list[int] = []  # minor page faults of each unmeasured training step
+
+    def train_step(count_faults: bool = False) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         out = model(pixel_values=images).logits
@@ -166,7 +170,10 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        if count_faults:
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return seconds
 
     plain, measured = [], []
     train_step()  # warm-up (allocator, first-call costs); step 0 is not measured
@@ -174,13 +181,13 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.rounds):
         if args.every == 2:
             measured.append(train_step())  # odd steps are measured
-            plain.append(train_step())
+            plain.append(train_step(count_faults=True))
         else:
             train_step()  # 4j+1: both probe passes (no pass to reuse)
             parts.clear()
             measured.append(train_step())  # 4j+2, 4j+3: one probe pass each
             measured.append(train_step())
-            plain.append(train_step())  # 4j+4: unmeasured
+            plain.append(train_step(count_faults=True))  # 4j+4: unmeasured
     monitor.detach()
     held_s: list[float] = []
     held_bytes = int(plan.table["bytes_per_capture"].sum())
@@ -232,6 +239,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         "warnings": [str(w.message)[:200] for w in said],
         "held_gib": held_bytes / 2**30,
         "train_held_s": statistics.median(held_s) if held_s else None,
+        "faults_per_step": statistics.median(faults) if faults else None,
     }
     if device.type == "cuda":
         result["peak_device_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -264,6 +272,12 @@ def show(r: dict[str, Any]) -> None:
         f"(unplanned {r['plan_unplanned_gib']:.2f}, budget {r['plan_budget_gib']:.2f})"
     )
     print(mem, flush=True)
+    if r.get("faults_per_step") is not None:
+        print(
+            f"   page faults per unmeasured training step: {r['faults_per_step']:,.0f} "
+            f"({r['faults_per_step'] * 4096 / 2**30:.1f} GiB of 4 KiB pages)",
+            flush=True,
+        )
     if r.get("train_held_s"):
         print(
             f"   control: unmeasured step with one capture's {r['held_gib']:.2f} GiB held "

@@ -7,6 +7,7 @@
 #       tests/test_precision_formulas.py
 #
 #   FUNCTIONS="_u3_float32_sums _best_axis" bash benchmarks/mutation.sh ics_toolkit/bounding.py ...
+#   FUNCTIONS="_hadamard_rows _KeptCoordinates.plan" bash benchmarks/mutation.sh ics_toolkit/sketch.py ...
 #
 # Works in a fresh clone of this checkout under a temporary folder (mutmut rewrites the
 # package into mutants/ there; nothing here changes), mutates only the given module and
@@ -39,7 +40,13 @@ pattern=$(echo "${module%.py}" | tr / .)
 targets=("${pattern}*")
 if [ -n "${FUNCTIONS:-}" ]; then
     targets=()
-    for f in $FUNCTIONS; do targets+=("${pattern}.x_${f}__mutmut_*"); done
+    for f in $FUNCTIONS; do
+        if [[ $f == *.* ]]; then  # Class.method: mutmut names it xǁClassǁmethod
+            targets+=("${pattern}.xǁ${f%%.*}ǁ${f#*.}__mutmut_*")
+        else
+            targets+=("${pattern}.x_${f}__mutmut_*")
+        fi
+    done
 fi
 mutmut run --max-children "$(nproc)" "${targets[@]}" > mutmut.log 2>&1 || true
 results=$(mutmut results --all true 2>/dev/null | grep "^ *${pattern}\." | grep -v "not checked" || true)

@@ -198,9 +198,9 @@ def _transform(z: torch.Tensor) -> torch.Tensor:
 
 #: Sketches of at most this many coordinates, of rows at least 2^14 wide (padded), compute
 #: only their k kept coordinates of ``H D z`` (:class:`_KeptCoordinates`): on 2 CPU cores
-#: (torch 2.13, float32) 1.7x to 6.4x faster than the whole transform for k = 64..256,
+#: (torch 2.13, float32) 1.4x to 6.4x faster than the whole transform for k = 64..256,
 #: d = 32768..802816 (``python benchmarks/sketch_speed.py``); for k = 1024 the whole
-#: transform is 1.5x to 8x faster, and for rows of 8192 both take the same time.
+#: transform is 1.4x to 7x faster, and for rows of 8192 both take the same time.
 KEPT_MAX_K = 256
 KEPT_MIN_BITS = 14
 #: The first factor is 2^3 = 8 times wider than the largest k it serves.
