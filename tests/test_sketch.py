@@ -102,6 +102,48 @@ def test_a_wide_sketch_is_the_same_matrix_whichever_way_it_is_computed(d, k, mon
     assert 0 < err < 1e-5
 
 
+def test_which_sketches_compute_only_their_kept_coordinates():
+    # the documented rule: k <= KEPT_MAX_K (256) and d' >= 2^KEPT_MIN_BITS (2^14); the
+    # first factor is 2^(bit_length(k - 1) + 3) wide (8 k for a power of two)
+    plan = sketch_module._KeptCoordinates.plan
+    assert (sketch_module.KEPT_MAX_K, sketch_module.KEPT_MIN_BITS) == (256, 14)
+
+    def rows(k: int, dp: int) -> torch.Tensor:
+        return torch.randperm(dp, generator=torch.Generator().manual_seed(k))[:k]
+
+    assert plan(2**13, rows(64, 2**13), torch.float32) is None  # rows too narrow
+    assert plan(2**14, rows(257, 2**14), torch.float32) is None  # k too large
+    wide = plan(2**14, rows(256, 2**14), torch.float32)
+    assert wide is not None and wide.h1.shape[1] == 2048 and wide.a2 == 8
+    small = plan(2**20, rows(64, 2**20), torch.float64)
+    assert small is not None and small.h1.shape[1] == 512 and small.a2 == 2**11
+    assert small.h1.dtype == torch.float64 and len(small.which) == 64
+    # the kept rows of the first factor, scaled by 1 / sqrt(d'): entries +-2^-10
+    assert set(small.h1.abs().unique().tolist()) == {2.0**-10}
+    odd = plan(2**16, rows(65, 2**16), torch.float32)  # k - 1 = 64 needs 7 bits: 2^10 wide
+    assert odd is not None and odd.h1.shape[1] == 1024 and odd.a2 == 64
+
+
+def test_the_transient_bytes_of_a_sketch():
+    # CHUNK_COPIES (3) chunks of at most 2^22 values, an int64 permutation of d', d int8
+    # signs and d signs in the compute dtype, and for rows of >= 2^14 the kept rows of the
+    # first factor: at most 256 x 2048 values
+    assert sketch_module.chunk_bytes(256, 5000) == 3 * 256 * 8192 * 4 + 8 * 8192 + 5 * 5000
+    assert sketch_module.chunk_bytes(256, 65536) == (
+        3 * 64 * 65536 * 4 + 8 * 65536 + 5 * 65536 + 256 * 2048 * 4
+    )
+    assert sketch_module.chunk_bytes(3, 65536, itemsize=8) == (
+        3 * 3 * 65536 * 8 + 8 * 65536 + 9 * 65536 + 256 * 2048 * 8
+    )
+    wide = 2**23 + 1  # wider than a chunk: one row at a time, padded to 2^24
+    assert sketch_module.chunk_bytes(4, wide) == (
+        3 * 2**24 * 4 + 8 * 2**24 + 5 * wide + 256 * 2048 * 4
+    )
+    assert sketch_module.chunk_bytes(64, 16384) - sketch_module.chunk_bytes(64, 8192) == (
+        3 * 64 * 8192 * 4 + 8 * 8192 + 5 * 8192 + 256 * 2048 * 4
+    )
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_the_sketch_is_the_hadamard_transform_drawn_on_the_gpu():
     d, k = 3000, 128
