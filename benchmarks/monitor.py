@@ -30,6 +30,15 @@ Usage::
     python benchmarks/monitor.py --baseline /path/to/main     # ... and the code before
     python benchmarks/monitor.py --quick                      # seconds, a smoke test
     python benchmarks/monitor.py --device cuda                # on a GPU
+    python benchmarks/monitor.py --allocator keep             # no run pays page faults
+
+The allocator matters: with glibc's default, the plain runs keep page-faulting large
+blocks freed by the previous step (16 to 160 MB a step here, about 10 % slower steps),
+while a monitored run stops doing so after its first measured step (its allocations
+raise glibc's threshold for returning memory), which flatters the monitor.
+``--allocator keep`` runs every variant with glibc keeping freed memory
+(``MALLOC_MMAP_MAX_=0``, ``MALLOC_TRIM_THRESHOLD_`` very large), so that no run pays page
+faults the others do not.
 
 The plain runs also time a forward pass of the probe without hooks: two of them are the
 floor of any configuration at this probe size (every measured step runs two probe passes,
@@ -177,9 +186,16 @@ def idle_hooks(args: argparse.Namespace) -> float:
     return (time.perf_counter() - start) / calls
 
 
+#: Environment of every run's process, by ``--allocator`` (see the module docs).
+ALLOCATORS: dict[str, dict[str, str]] = {
+    "default": {},
+    "keep": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)},
+}
+
+
 def spawn(variant: str, args: argparse.Namespace, device: str | None = None) -> dict[str, Any]:
     """One run in a fresh process (importing ics_toolkit from --baseline for @before)."""
-    env = dict(os.environ)
+    env = {**os.environ, **ALLOCATORS[args.allocator]}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = args.baseline if variant.endswith("@before") else root
     command = [sys.executable, os.path.abspath(__file__), "--one", variant]
@@ -206,6 +222,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--baseline", default=None, help="checkout of the code before")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--allocator",
+        choices=tuple(ALLOCATORS),
+        default="default",
+        help="keep: glibc keeps freed memory for every variant (see the module docs)",
+    )
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child run
     args = parser.parse_args()
     if args.quick:
@@ -223,8 +245,8 @@ def main() -> None:
         f"SmallCNN(width={args.width}) on 3x32x32, batch {args.batch}, {args.steps} steps, "
         f"probe {args.probe}, monitor every {args.every}; torch {torch.__version__}, "
         f"{args.threads or torch.get_num_threads()} thread(s), device {args.device}; "
-        f"{args.rounds} interleaved round(s) of {', '.join(variants)}"
-        + (f"; before = {args.baseline}" if args.baseline else "")
+        f"{args.rounds} interleaved round(s) of {', '.join(variants)}; allocator "
+        f"{args.allocator}" + (f"; before = {args.baseline}" if args.baseline else "")
     )
     times: dict[str, list[float]] = {v: [] for v in variants}
     construct: dict[str, list[float]] = {v: [] for v in variants}
