@@ -14,7 +14,8 @@ The map is a *subsampled randomized Hadamard transform* (SRHT)::
 - ``H`` is the d' x d' Sylvester-Hadamard matrix (entries +-1; ``H / sqrt(d')`` is
   orthogonal), applied in O(d' log d') operations per row, never stored (for k <= 256
   on rows of d' >= 2^14 only the k kept coordinates of ``H D E z`` are computed, in one
-  pass over the row: O(k d') operations as matrix products, faster on CPUs and GPUs);
+  pass over the row: O(k d') operations as matrix products, faster on a CPU, see
+  ``benchmarks/sketch_speed.py``; not measured on a GPU);
 - ``S`` keeps k of the d' coordinates, chosen uniformly without replacement.
 
 What follows from this construction (proofs in ``docs/theory.md``, section 9):
