@@ -114,6 +114,10 @@ run scale 60 "pandas,ot,ics_toolkit.monitor" -- \
     --n 512 --d 4096 --methods paired sliced max_sliced per_coordinate bounds moments \
     --skip memory
 
+# The sketch: only the kept coordinates against the whole transform, on the GPU.
+run sketch_speed 30 "ics_toolkit.sketch" -- \
+    "$PY" benchmarks/sketch_speed.py --device cuda --k 64 256 --repeats 3
+
 # Engine: batched sliced W1 vs POT, exact vs POT (the exact solver runs on the CPU).
 run engine 110 "numpy,ot,ics_toolkit.distances" -- \
     "$PY" benchmarks/engine.py --device cuda --repeat 3

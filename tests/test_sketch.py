@@ -158,6 +158,19 @@ def test_on_cuda_the_sketch_is_the_hadamard_transform_drawn_on_the_gpu():
     assert torch.equal(sk(x), got)  # the same matrix at every call (both steps)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_a_wide_sketch_computes_its_kept_coordinates_on_the_gpu():
+    d, k = 20000, 128  # padded to 2^15: only the kept coordinates are computed
+    sk = Sketch(d, k, seed=5)
+    dp = padded_dim(d)
+    h = torch.from_numpy(_hadamard_rows_numpy(sk.rows("cuda").cpu().numpy(), dp))
+    reference = (h[:, :d] * sk.signs("cuda").cpu().double() / math.sqrt(dp)).cuda()
+    x = torch.randn(50, d, dtype=torch.float64, device="cuda")
+    got = sk(x)
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got, x @ reference.T, rtol=0, atol=1e-10)
+
+
 def test_orthonormal_rows_for_a_power_of_two_and_a_contraction_otherwise():
     p = Sketch(512, 48, seed=1).matrix(dtype=torch.float64)
     torch.testing.assert_close(p @ p.T, torch.eye(48, dtype=torch.float64), rtol=0, atol=1e-12)
