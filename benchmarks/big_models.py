@@ -19,8 +19,8 @@ machine load; the ratio is the median measured step over the median unmeasured o
 
 The allocator matters on a CPU: glibc's malloc hands every block above 32 MiB back to
 the operating system when it is freed, so each training step of a large model faults
-in its activations again (on this project's VMs about 6 million page faults, 60-70 %
-of a ResNet-50 step at batch 64, and slower still while more memory is held).
+in its activations again (on this project's VMs 3.4 to 6.2 million page faults, a
+quarter of a ResNet-50 step at batch 64, and slower still while more memory is held).
 ``--allocator keep`` runs each configuration with glibc keeping freed memory for reuse
 (``MALLOC_MMAP_MAX_=0``, ``MALLOC_TRIM_THRESHOLD_`` very large: the effect of the
 jemalloc / tcmalloc preload that CPU training guides recommend); ``default`` (the
