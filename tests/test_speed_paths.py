@@ -283,6 +283,15 @@ def test_one_pass_kernels_equal_the_direct_formulas():
     wide = bounding._differences(wx, wy)
     torch.testing.assert_close(wide.column_abs_gap, (wx - wy).abs().mean(0), rtol=1e-13, atol=0)
     torch.testing.assert_close(wide.gap, wx.mean(0) - wy.mean(0), rtol=1e-12, atol=1e-15)
+    # blocks of two rows (2^18 values), then a last block of one: the block sums add up
+    bx = torch.randn(5, 2**17, generator=gen, dtype=torch.float64)
+    by = bx + 0.01 * torch.randn(bx.shape, generator=gen, dtype=torch.float64)
+    blocks = bounding._differences(bx, by)
+    torch.testing.assert_close(blocks.dist, (bx - by).norm(dim=1), rtol=1e-14, atol=0)
+    torch.testing.assert_close(blocks.column_abs_gap, (bx - by).abs().mean(0), rtol=1e-13, atol=0)
+    torch.testing.assert_close(blocks.gap, bx.mean(0) - by.mean(0), rtol=1e-12, atol=1e-15)
+    block_gap = float(bx.norm(dim=1).mean() - by.norm(dim=1).mean())
+    assert blocks.norm_gap == pytest.approx(block_gap, rel=1e-10, abs=0)
     # the pruned axis search returns the max over every column, to the bit
     every = float(_sliced.coordinate_group([x], [y], torch.float64)[0].max())
     assert bounding._best_axis(x, y, 0.0) == every
