@@ -33,28 +33,18 @@ WORKING_COPIES = 6
 
 
 def analysis_bytes(
-    views: tuple[str, ...],
-    max_pixel_samples: int,
-    stored: tuple[int, ...],
-    batch: int,
-    channel: int,
-    token_mask: Any = None,
+    config: Any, stored: tuple[int, ...], batch: int, channel: int
 ) -> tuple[int, int]:
     """float64 sample matrices of every view of one layer (both sides), and the largest."""
     total = largest = 0
-    shapes = _view_shapes(views, max_pixel_samples, stored, batch, channel, token_mask)
-    for _, rows, width in shapes:
+    for _, rows, width in _view_shapes(config, stored, batch, channel):
         total += 2 * rows * width * 8
         largest = max(largest, rows * width * 8)
     return total, largest
 
 
 def cache_bytes(
-    config: Any,
-    stored: tuple[int, ...],
-    batch: int,
-    channel: int,
-    sketched: bool,
+    config: Any, stored: tuple[int, ...], batch: int, channel: int, sketched: bool
 ) -> int:
     """The one-sided numbers the analysis keeps with one capture (``StepCapture.cache``).
 
@@ -66,10 +56,7 @@ def cache_bytes(
     itemsize = 8 if config.precision == "float64" else 4
     projected = bool({"sliced", "max_sliced"} & set(config.methods))
     total = 0
-    shapes = _view_shapes(
-        config.views, config.max_pixel_samples, stored, batch, channel, config.token_mask
-    )
-    for name, rows, width in shapes:
+    for name, rows, width in _view_shapes(config, stored, batch, channel):
         total += rows
         if name != "channel":
             total += config.n_projections * rows if projected else 0
@@ -78,27 +65,22 @@ def cache_bytes(
 
 
 def _view_shapes(
-    views: tuple[str, ...],
-    max_pixel_samples: int,
-    stored: tuple[int, ...],
-    batch: int,
-    channel: int,
-    token_mask: Any,
+    config: Any, stored: tuple[int, ...], batch: int, channel: int
 ) -> list[tuple[str, int, int]]:
-    """(view, rows, columns) of every view of a layer stored with shape ``stored``."""
+    """(view, rows, columns) of every view of ``config.views`` of a layer stored as ``stored``."""
     numel = math.prod(stored)
     n = stored[batch]
     out = []
-    for name in views:
+    for name in config.views:
         if name == "flatten" or len(stored) == 1:
             rows, width = n, numel // n
         else:  # pixel / channel: one row per (input, position), C columns
             width = stored[channel % len(stored)]
             rows = numel // width
-        if name == "token" and token_mask is not None:
-            rows = int(token_mask.sum())  # the real tokens only
+        if name == "token" and config.token_mask is not None:
+            rows = int(config.token_mask.sum())  # the real tokens only
         if name in ("pixel", "token"):
-            rows = min(rows, max_pixel_samples)
+            rows = min(rows, config.max_pixel_samples)
         out.append((name, rows, width))
     return out
 
@@ -156,14 +138,7 @@ def layer_rows(
                 extra = math.prod(in_shape) * itemsize  # x_hat, storage dtype
             kept = cache_bytes(config, stored, 0 if sketched else batch, axes[1], sketched)
             held = 2 * (stored_bytes + extra + kept)
-            analysis, largest = analysis_bytes(
-                config.views,
-                config.max_pixel_samples,
-                stored,
-                0 if sketched else batch,
-                axes[1],
-                config.token_mask,
-            )
+            analysis, largest = analysis_bytes(config, stored, 0 if sketched else batch, axes[1])
             working = (WORKING_COPIES + (2 if extra else 0)) * largest
             if sketched:  # the hook's transient chunks (not at the same time)
                 source = torch.empty((), dtype=_source_dtype(monitor.model)).element_size()

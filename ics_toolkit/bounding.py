@@ -692,7 +692,7 @@ def _differences(
     is off by about ``u ||x||``, as large as the W1 it would be compared with (L1 or L2
     > exact). ``||x_i|| - ||y_i|| = (<x_i - y_i, x_i> + <x_i - y_i, y_i>) / (||x_i|| +
     ||y_i||)`` has only the relative error of the differences (two dot products read
-    the block again instead of writing x + y: the same accuracy, half the time on a CPU).
+    the block again instead of writing x + y into a buffer: one write pass fewer).
     ``row_norms`` reuse a caller's.
     """
     n, d = tx.shape

@@ -178,10 +178,7 @@ def no_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]
 
 def _hadamard(bits: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The 2^bits x 2^bits Sylvester-Hadamard matrix (entries +-1)."""
-    h = torch.ones(1, 1, dtype=dtype, device=device)
-    for _ in range(bits):
-        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-    return h
+    return _hadamard_rows(torch.arange(1 << bits, device=device), bits, dtype)
 
 
 def _transform(z: torch.Tensor) -> torch.Tensor:
