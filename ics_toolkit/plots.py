@@ -991,9 +991,18 @@ def save_figure(
         raise ICSValueError(f"`path` {str(p)!r} is a folder; pass a file name stem")
     p.parent.mkdir(parents=True, exist_ok=True)
     out = []
-    with _style_context():
-        for fmt in formats:
-            target = p.parent / f"{p.name}.{fmt}"
-            fig.savefig(target, format=fmt, dpi=dpi)
-            out.append(target)
+    engine = fig.get_layout_engine()
+    try:
+        with _style_context():
+            for i, fmt in enumerate(formats):
+                target = p.parent / f"{p.name}.{fmt}"
+                fig.savefig(target, format=fmt, dpi=dpi)
+                out.append(target)
+                if i == 0 and engine is not None and len(formats) > 1:
+                    # the layout (constrained: several extra draws) is in figure
+                    # fractions, the same for every format: computed once, kept
+                    fig.set_layout_engine("none")
+    finally:
+        if engine is not None and fig.get_layout_engine() is not engine:
+            fig.set_layout_engine(engine)
     return out

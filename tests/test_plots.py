@@ -219,6 +219,40 @@ def test_save_figure_writes_png_and_svg(tmp_path, table):
         save_figure(fig, tmp_path / "x", formats=())
 
 
+def test_save_figure_lays_out_once_and_keeps_the_figure_layout(tmp_path, table, monkeypatch):
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    calls = []
+    execute = ConstrainedLayoutEngine.execute
+
+    def counted(self, fig):
+        calls.append(fig)
+        return execute(self, fig)
+
+    monkeypatch.setattr(ConstrainedLayoutEngine, "execute", counted)
+    fig = plot_compare(table)
+    engine = fig.get_layout_engine()
+    assert isinstance(engine, ConstrainedLayoutEngine)
+    save_figure(fig, tmp_path / "cmp", formats=("png", "svg", "pdf"))
+    assert len(calls) == 1  # the PNG's layout serves the SVG and the PDF
+    assert fig.get_layout_engine() is engine  # the caller's figure lays out as before
+    calls.clear()
+    save_figure(fig, tmp_path / "again", formats=("png",))
+    assert len(calls) == 1
+    # a failing format still gives the figure its layout engine back
+    savefig = Figure.savefig
+
+    def svg_fails(self, target, **kw):
+        if kw.get("format") == "svg":
+            raise OSError("disk full")
+        return savefig(self, target, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", svg_fails)
+    with pytest.raises(OSError, match="disk full"):
+        save_figure(fig, tmp_path / "fails", formats=("png", "svg"))
+    assert fig.get_layout_engine() is engine
+
+
 def test_series_styles_differ_in_colour_line_and_marker():
     styles = [series_style(i) for i in range(6)]
     for key in ("color", "linestyle", "marker"):
