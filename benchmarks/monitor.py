@@ -201,7 +201,9 @@ def spawn(variant: str, args: argparse.Namespace, device: str | None = None) -> 
     """One run in a fresh process (importing ics_toolkit from --baseline for @before)."""
     env = {**os.environ, **ALLOCATORS[args.allocator]}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = args.baseline if variant.endswith("@before") else root
+    code = args.baseline if variant.endswith("@before") else root
+    # first on the path, before what the caller's PYTHONPATH brings (e.g. carried wheels)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH")) if p)
     command = [sys.executable, os.path.abspath(__file__), "--one", variant]
     for name in ("steps", "every", "batch", "probe", "width", "threads"):
         value = getattr(args, name)

@@ -12,6 +12,11 @@ Usage::
     python benchmarks/profile_big_step.py                       # ResNet-50, probe 64
     python benchmarks/profile_big_step.py --model vit --probe 16
     python benchmarks/profile_big_step.py --every 1              # steady state, pass reused
+    python benchmarks/profile_big_step.py --device cuda          # host time and GPU kernels
+
+On a GPU the host's view (cProfile) shows where Python waits: for the kernels at each
+synchronization (a tensor read into a Python number), and for kernel launches; the
+table of torch.profiler after it says how much of the step the GPU itself was busy.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ def main() -> None:
     parser.add_argument(
         "--every", type=int, choices=(1, 2), default=2, help="1: steps 2 and 3 measured too"
     )
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     import transformers as tf
@@ -44,12 +50,18 @@ def main() -> None:
         model = tf.ResNetForImageClassification(tf.ResNetConfig(num_labels=10))
     else:
         model = tf.ViTForImageClassification(tf.ViTConfig(num_labels=10))
-    model.train()
+    device = torch.device(args.device)
+    model.to(device).train()
     gen = torch.Generator().manual_seed(1)
     n = args.probe
-    probe = torch.randn(n, 3, 224, 224, generator=gen)
-    images = torch.randn(n, 3, 224, 224, generator=gen)
-    labels = torch.randint(0, 10, (n,), generator=gen)
+    probe = torch.randn(n, 3, 224, 224, generator=gen).to(device)
+    images = torch.randn(n, 3, 224, 224, generator=gen).to(device)
+    labels = torch.randint(0, 10, (n,), generator=gen).to(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -65,6 +77,7 @@ def main() -> None:
         out = model(pixel_values=images).logits
         torch.nn.functional.cross_entropy(out, labels).backward()
         opt.step()
+        sync()
         return time.perf_counter() - start
 
     step()  # step 0, not measured: warm-up
@@ -75,14 +88,29 @@ def main() -> None:
     with torch.no_grad():
         start = time.perf_counter()
         model(pixel_values=probe)
+        sync()
         print(f"no-grad forward of the probe {time.perf_counter() - start:.2f} s")
     profile = cProfile.Profile()
     profile.enable()
     seconds = step()  # step 3, measured
     profile.disable()
-    monitor.detach()
     print(f"measured training step {seconds:.2f} s")
     pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
+    if device.type == "cuda":  # one more measured step: the GPU's busy time and kernels
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        if args.every == 2:
+            step()  # step 4, not measured
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            seconds = step()  # measured
+        events = prof.key_averages()
+        busy = sum(e.self_device_time_total for e in events) / 1e6
+        kernels = sum(e.count for e in events if e.self_device_time_total > 0)
+        print(f"measured step under torch.profiler {seconds:.2f} s: GPU busy {busy:.2f} s")
+        print(f"({kernels} GPU operations)")
+        print(events.table(sort_by="self_device_time_total", row_limit=args.top))
+    monitor.detach()
 
 
 if __name__ == "__main__":
