@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ics_toolkit._blocks import CPU_BLOCK_VALUES, block_values
+
 # Working-memory budget of one batched kernel call; larger groups are cut into chunks
 # (each chunk is an independent computation, so results do not depend on the chunking).
 BATCH_BYTES = 256 * 1024**2
@@ -147,10 +149,10 @@ def projected_group(
     return torch.cat(out) if len(out) > 1 else out[0]
 
 
-#: Columns per block of :func:`coordinate_group`: blocks of about 2 MiB stay in cache and
-#: reuse one buffer, which is 3x faster on a CPU than transposing whole wide layers
-#: into freshly allocated (page-faulting) memory.
-_BLOCK_VALUES = 2**18
+#: Values per block of :func:`coordinate_group` on a CPU: blocks of about 2 MiB stay in
+#: cache and reuse one buffer, which is 3x faster on a CPU than transposing whole wide
+#: layers into freshly allocated (page-faulting) memory (other devices: ics_toolkit._blocks).
+_BLOCK_VALUES = CPU_BLOCK_VALUES
 
 
 def coordinate_group(
@@ -165,7 +167,7 @@ def coordinate_group(
     """
     n, m, d = xs[0].shape[0], ys[0].shape[0], xs[0].shape[1]
     device = xs[0].device
-    width = max(1, min(d, _BLOCK_VALUES // (n + m)))
+    width = max(1, min(d, block_values(device, _BLOCK_VALUES) // (n + m)))
     out = torch.empty((len(xs), d), dtype=dtype, device=device)
     bx = torch.empty((width, n), dtype=dtype, device=device)
     by = torch.empty((width, m), dtype=dtype, device=device)

@@ -37,6 +37,7 @@ import torch
 
 from ics_toolkit import _checks, _scaling, _vocab
 from ics_toolkit._arrays import ArrayLike, as_pair, as_samples, to_tensor
+from ics_toolkit._blocks import block_rows
 from ics_toolkit.errors import ICSValueError
 
 __all__ = [
@@ -384,7 +385,7 @@ def _u3_float32_sums(
     if m2x is None:
         m2x = float(channel_sq(fa).sum()) / n
     # ||a_i - b_i|| in row blocks through one buffer: no n x d difference allocated
-    step = max(1, 2**18 // fa.shape[1])
+    step = block_rows(fa.shape[1], fa.device)
     buf = torch.empty((min(step, n), fa.shape[1]), dtype=fa.dtype, device=fa.device)
     gap = torch.zeros((), dtype=torch.float64, device=fa.device)
     for lo in range(0, n, step):
@@ -427,7 +428,7 @@ def _u3_stored_terms(
     else:
         m2x, m2y, gap = (torch.zeros((), **f64) for _ in range(3))
         column_sq = torch.zeros(channels, **f64)
-        step = max(1, 2**18 // d)
+        step = block_rows(d, xa.device)
         for lo in range(0, n, step):
             # copies (also of float64 storage): the block is changed in place below
             a = fa[lo : lo + step].to(torch.float64, copy=True)
@@ -684,7 +685,7 @@ class _Paired(NamedTuple):
 def _differences(
     tx: torch.Tensor, ty: torch.Tensor, row_norms: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> _Paired:
-    """One pass over x - y of paired samples, in row blocks of ~2 MiB.
+    """One pass over x - y of paired samples, in row blocks (:mod:`ics_toolkit._blocks`).
 
     The mean gap and the gap of the mean row norms (L1's and L2's inputs) come from the
     differences, not from two means of nearly equal numbers: for a small step the
@@ -696,7 +697,7 @@ def _differences(
     ``row_norms`` reuse a caller's.
     """
     n, d = tx.shape
-    rows = max(1, 2**18 // d)
+    rows = block_rows(d, tx.device)
     dist = torch.empty(n, dtype=tx.dtype, device=tx.device)
     sq_gap = torch.empty(n, dtype=tx.dtype, device=tx.device)  # ||x_i||^2 - ||y_i||^2
     column = torch.zeros(d, dtype=tx.dtype, device=tx.device)

@@ -14,6 +14,7 @@ import torch
 
 from ics_toolkit import _scaling
 from ics_toolkit._arrays import ArrayLike, as_pair
+from ics_toolkit._blocks import CPU_BLOCK_VALUES, block_rows
 from ics_toolkit.errors import ICSRuntimeWarning, ICSValueError
 
 __all__ = ["moment_drift"]
@@ -63,14 +64,14 @@ def moment_drift(x: ArrayLike, y: ArrayLike) -> dict[str, float]:
 DRIFT_POWERS = {"drift_mean": 1, "drift_var": 2, "drift_m4": 4, "drift_norm_var": 2}
 
 
-#: Rows per block of the one-pass column reductions: blocks of a few rows of a wide
-#: layer stay in cache, and summing whole contiguous rows is several times faster on a
-#: CPU than reducing strided column blocks.
-_ROW_BLOCK_VALUES = 2**18
+#: Values per block of the one-pass column reductions on a CPU: blocks of a few rows of
+#: a wide layer stay in cache, and summing whole contiguous rows is several times faster
+#: on a CPU than reducing strided column blocks (other devices: ics_toolkit._blocks).
+_ROW_BLOCK_VALUES = CPU_BLOCK_VALUES
 
 
 def _row_blocks(t: torch.Tensor) -> range:
-    return range(0, t.shape[0], max(1, _ROW_BLOCK_VALUES // max(1, t.shape[1])))
+    return range(0, t.shape[0], block_rows(t.shape[1], t.device, _ROW_BLOCK_VALUES))
 
 
 def _column_moments(
