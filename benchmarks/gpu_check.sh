@@ -7,7 +7,10 @@
 #
 # It installs nothing but the package itself (`pip install --no-deps -e .`, falling back
 # to PYTHONPATH): the GPU machine may have no network, so POT, pandas, scipy... must
-# already be there. A step whose imports fail is skipped with a message saying which
+# already be there (the workplace's H200 image has no POT: carry its wheel, e.g.
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl POT==0.9.7.post1`,
+# install it with `pip install --no-index --no-deps --target /tmp/site .whl/*.whl` and put
+# /tmp/site on PYTHONPATH before running this; benchmarks/monitor.py's child processes keep it). A step whose imports fail is skipped with a message saying which
 # module is missing; a step that runs past its time cap is stopped (`timeout`), so the
 # whole script stays under BUDGET_S seconds.
 set -uo pipefail
@@ -108,7 +111,7 @@ run cuda_tests 45 "pytest,hypothesis,pandas,ot,scipy,ics_toolkit.monitor" -- \
 
 # Monitor overhead on a training run on the GPU (issue 11's GPU line): fresh processes.
 run monitor 120 "pandas,ot,ics_toolkit.monitor,ics_toolkit.models" -- \
-    "$PY" benchmarks/monitor.py --device cuda --rounds 2
+    "$PY" benchmarks/monitor.py --device cuda --rounds 1  # 62 s on an H200; 2 rounds > 130 s
 
 # Real sizes (issue 16): ResNet-50 / ViT-B/16 at 224 with the memory plan, device peak and
 # the plan's host offload (needs transformers).
