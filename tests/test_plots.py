@@ -239,6 +239,26 @@ def test_save_figure_lays_out_once_and_keeps_the_figure_layout(tmp_path, table, 
     calls.clear()
     save_figure(fig, tmp_path / "again", formats=("png",))
     assert len(calls) == 1
+    calls.clear()
+    save_figure(fig, tmp_path / "pair", formats=("png", "svg"))
+    assert len(calls) == 1  # two formats: the SVG takes the PNG's layout too
+    # a figure without a layout engine is saved as it is and keeps none
+    plain = Figure()
+    plain.subplots().plot([0, 1])
+    save_figure(plain, tmp_path / "plain", formats=("png", "svg"))
+    assert plain.get_layout_engine() is None
+    assert (tmp_path / "plain.svg").exists()
+    # parents are created, and PNGs are drawn at 100 dpi unless told otherwise
+    (png,) = save_figure(plain, tmp_path / "a" / "b" / "deep", formats=("png",))
+    width = int.from_bytes(png.read_bytes()[16:20], "big")  # the PNG header's width field
+    assert width == round(plain.get_figwidth() * 100)
+    (png,) = save_figure(plain, tmp_path / "a" / "b" / "sharp", formats=("png",), dpi=50)
+    # a folder is no file name stem; a file of that name without a suffix is no obstacle
+    with pytest.raises(ICSValueError, match="is a folder; pass a file name stem"):
+        save_figure(plain, tmp_path / "a", formats=("png",))
+    (tmp_path / "stem").write_text("not a figure")
+    assert save_figure(plain, tmp_path / "stem", formats=("png",)) == [tmp_path / "stem.png"]
+    assert int.from_bytes(png.read_bytes()[16:20], "big") == round(plain.get_figwidth() * 50)
     # a failing format still gives the figure its layout engine back
     savefig = Figure.savefig
 
