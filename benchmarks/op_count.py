@@ -14,7 +14,7 @@ the monitor's defaults) on the CPU and counts
 - the host synchronizations a GPU would have, by function.
 
 ``--as-gpu`` gives the kernels the row blocks they get on a GPU
-(:mod:`ics_toolkit._blocks`) while the tensors stay on the CPU, so the counts are a
+(``ics_toolkit._blocks.sized_for``) while the tensors stay on the CPU, so the counts are a
 GPU's. Counts, not times: they are exact and the same on every machine.
 
 Usage::
@@ -72,20 +72,6 @@ class _Syncs(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _as_gpu() -> None:
-    """The analysis kernels' row blocks as on a GPU (the tensors stay on the CPU)."""
-    from ics_toolkit import _blocks, _sliced, bounding, moments
-
-    gpu = torch.device("cuda")  # a device object; no GPU is touched
-
-    def rows(width: int, device: torch.device, cpu: int = _blocks.CPU_BLOCK_VALUES) -> int:
-        return _blocks.block_rows(width, gpu, cpu)
-
-    bounding.block_rows = rows  # type: ignore[assignment]
-    moments.block_rows = rows  # type: ignore[assignment]
-    _sliced.block_values = lambda device, cpu=0: _blocks.block_values(gpu, cpu)  # type: ignore[assignment]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--as-gpu", action="store_true", help="a GPU's row blocks")
@@ -93,11 +79,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import ics_toolkit as ics
+    from ics_toolkit import _blocks
     from ics_toolkit.models import SmallCNN
     from ics_toolkit.shift import measure_step
 
-    if args.as_gpu:
-        _as_gpu()
     gen = torch.Generator().manual_seed(7)
     probe = torch.randn(128, 3, 32, 32, generator=gen)
     images = torch.randn(128, 3, 32, 32, generator=gen)
@@ -113,10 +98,12 @@ def main() -> None:
     opt.step()
     after = monitor._capture()
     keys = [k for k in before.tensors if monitor._measured(k)]
-    measure_step(0, before, after, monitor.config, keys)  # warm-up: one-time draws
+    with _blocks.sized_for("cuda" if args.as_gpu else "cpu"):
+        measure_step(0, before, after, monitor.config, keys)  # warm-up: one-time draws
     before.cache.clear()  # nothing kept from the warm-up: a step as the first of a pair
     after.cache.clear()
-    with _Ops() as ops, _Syncs() as syncs:
+    sizes = _blocks.sized_for("cuda" if args.as_gpu else "cpu")  # no GPU is touched
+    with sizes, _Ops() as ops, _Syncs() as syncs:
         rows = measure_step(1, before, after, monitor.config, keys)
     with _Ops() as capture_ops, _Syncs() as capture_syncs:
         monitor._capture()

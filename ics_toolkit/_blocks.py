@@ -15,6 +15,9 @@ a CPU as before).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 #: Values per block on a CPU: a block stays in cache.
@@ -22,9 +25,27 @@ CPU_BLOCK_VALUES = 2**18
 #: Values per block on any other device (CUDA, MPS...): few kernel launches.
 DEVICE_BLOCK_VALUES = 2**24
 
+_sized_for: torch.device | None = None
+
+
+@contextlib.contextmanager
+def sized_for(device: str | torch.device) -> Iterator[None]:
+    """Blocks sized for ``device`` whatever device the tensors are on, inside the block.
+
+    For counting, on a CPU, what a GPU run launches (``benchmarks/op_count.py``) and for
+    tests; process-wide while it lasts (a monitor's analysis worker sees it too).
+    """
+    global _sized_for
+    before, _sized_for = _sized_for, torch.device(device)
+    try:
+        yield
+    finally:
+        _sized_for = before
+
 
 def block_values(device: torch.device, cpu: int = CPU_BLOCK_VALUES) -> int:
     """Values per block on ``device`` (``cpu``: the CPU's, a caller's own constant)."""
+    device = _sized_for or device
     return cpu if device.type == "cpu" else DEVICE_BLOCK_VALUES
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ics_toolkit._blocks import CPU_BLOCK_VALUES, block_values
+from ics_toolkit._blocks import block_values
 
 # Working-memory budget of one batched kernel call; larger groups are cut into chunks
 # (each chunk is an independent computation, so results do not depend on the chunking).
@@ -149,12 +149,6 @@ def projected_group(
     return torch.cat(out) if len(out) > 1 else out[0]
 
 
-#: Values per block of :func:`coordinate_group` on a CPU: blocks of about 2 MiB stay in
-#: cache and reuse one buffer, which is 3x faster on a CPU than transposing whole wide
-#: layers into freshly allocated (page-faulting) memory (other devices: ics_toolkit._blocks).
-_BLOCK_VALUES = CPU_BLOCK_VALUES
-
-
 def coordinate_group(
     xs: Sequence[torch.Tensor],
     ys: Sequence[torch.Tensor],
@@ -163,11 +157,14 @@ def coordinate_group(
     """Per-column 1-D W1 for a group of pairs of equal (n, m, d): returns (G, d).
 
     Columns are transposed into a small reusable buffer block by block (the sort runs
-    along the last axis), so the working memory is a few MiB whatever d is.
+    along the last axis), so the working memory is one block whatever d is (a few MiB on a
+    CPU, :mod:`ics_toolkit._blocks`).
     """
     n, m, d = xs[0].shape[0], ys[0].shape[0], xs[0].shape[1]
     device = xs[0].device
-    width = max(1, min(d, block_values(device, _BLOCK_VALUES) // (n + m)))
+    # column blocks through two small reused buffers: on a CPU they stay in cache, 3x
+    # faster than transposing whole wide layers into fresh (page-faulting) memory
+    width = max(1, min(d, block_values(device) // (n + m)))
     out = torch.empty((len(xs), d), dtype=dtype, device=device)
     bx = torch.empty((width, n), dtype=dtype, device=device)
     by = torch.empty((width, m), dtype=dtype, device=device)

@@ -18,6 +18,10 @@ def test_block_rows_by_device():
     assert _blocks.block_rows(1000, GPU, cpu=3000) == 2**24 // 1000
     assert _blocks.block_rows(0, CPU) == 2**18  # no division by zero
     assert _blocks.block_values(torch.device("mps")) == _blocks.DEVICE_BLOCK_VALUES
+    with pytest.raises(RuntimeError), _blocks.sized_for("cuda"):
+        assert _blocks.block_rows(2**17, CPU) == 2**7  # a GPU's blocks for CPU tensors
+        raise RuntimeError("left by an error")
+    assert _blocks.block_rows(2**17, CPU) == 2  # and the CPU's again after
 
 
 class _Count(TorchFunctionMode):
@@ -29,19 +33,6 @@ class _Count(TorchFunctionMode):
         if func is torch.sub:
             self.subs += 1
         return func(*args, **(kwargs or {}))
-
-
-def _as_if_on_gpu(monkeypatch):
-    """The kernels' block sizes as on a GPU, while their tensors stay on the CPU."""
-
-    def rows(width, device, cpu=_blocks.CPU_BLOCK_VALUES):
-        return _blocks.block_rows(width, GPU, cpu)
-
-    monkeypatch.setattr(bounding, "block_rows", rows)
-    monkeypatch.setattr(moments, "block_rows", rows)
-    monkeypatch.setattr(
-        _sliced, "block_values", lambda device, cpu=0: _blocks.block_values(GPU, cpu)
-    )
 
 
 def _everything(x, y, xa, xb):
@@ -65,7 +56,7 @@ def _everything(x, y, xa, xb):
     return out
 
 
-def test_blocks_sized_for_a_gpu_give_the_same_numbers_with_fewer_blocks(monkeypatch):
+def test_blocks_sized_for_a_gpu_give_the_same_numbers_with_fewer_blocks():
     gen = torch.Generator().manual_seed(5)
     n, d = 48, 2**15  # 8 rows per CPU block: 6 blocks; one block on a GPU
     x = torch.randn(n, d, generator=gen, dtype=torch.float64) * 2 + 0.5
@@ -74,9 +65,9 @@ def test_blocks_sized_for_a_gpu_give_the_same_numbers_with_fewer_blocks(monkeypa
     xb = xa + 0.05 * torch.randn(xa.shape, generator=gen)
     with _Count() as cpu_count:
         on_cpu = _everything(x, y, xa, xb)
-    _as_if_on_gpu(monkeypatch)
-    with _Count() as gpu_count:
+    with _blocks.sized_for(GPU), _Count() as gpu_count:  # the tensors stay on the CPU
         as_gpu = _everything(x, y, xa, xb)
+    assert _blocks.block_rows(2**17, CPU) == 2  # the CPU's blocks again after the block
     # one torch.sub per block of _differences, _column_moments and U3's float32 sums:
     # 6 blocks each on a CPU, one on a GPU
     assert (cpu_count.subs, gpu_count.subs) == (18, 3)
