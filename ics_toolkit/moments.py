@@ -70,10 +70,6 @@ DRIFT_POWERS = {"drift_mean": 1, "drift_var": 2, "drift_m4": 4, "drift_norm_var"
 _ROW_BLOCK_VALUES = CPU_BLOCK_VALUES
 
 
-def _row_blocks(t: torch.Tensor) -> range:
-    return range(0, t.shape[0], block_rows(t.shape[1], t.device, _ROW_BLOCK_VALUES))
-
-
 def _column_moments(
     t: torch.Tensor, higher: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -83,7 +79,7 @@ def _column_moments(
     memory is one block, whatever n). ``higher=False`` stops after the mean.
     """
     n = t.shape[0]
-    step = _row_blocks(t).step
+    step = block_rows(t.shape[1], t.device, _ROW_BLOCK_VALUES)
     mu = t.sum(dim=0) / n
     if not higher:
         return mu, None, None
