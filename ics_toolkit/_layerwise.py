@@ -80,4 +80,6 @@ def _one(capture: StepCapture, key: str, device: torch.device | None) -> StepCap
 def _to(t: Any, device: torch.device | None) -> Any:
     if device is None or not isinstance(t, torch.Tensor) or t.device == device:
         return t
-    return t.to(device)
+    # from page-locked memory (host offload) the copy is queued, not waited for: the
+    # analysis' kernels on the same stream run after it, and the capture keeps the source
+    return t.to(device, non_blocking=t.device.type == "cpu" and t.is_pinned())

@@ -6,7 +6,9 @@ every captured layer's shape, hence the bytes a measured step will need (see
 
 - the captures at both steps (and the normalized values of BatchNorm / Unitization
   layers, for U3 / U5), held from before the optimizer step to the end of the
-  analysis: ``bytes_held``;
+  analysis: ``bytes_held``; with the analysis worker (``worker``, on by default on a
+  GPU) one capture more, since the step being analysed in the background still holds
+  its two while the next probe pass stores a third;
 - the float64 sample matrices of the views: ``bytes_analysis``, for every layer at
   once (the fused analysis) or for one layer at a time;
 - the estimators' transient working copies: ``bytes_working``, one layer at a time;
@@ -23,8 +25,10 @@ this order, until it fits:
 1. **one layer at a time**: the analysis builds one layer's float64 views, measures
    them and frees them before the next layer, so only one float64 working set exists
    (the captures stay in their storage dtype); results are unchanged;
-2. **host offload** (captures on a GPU): the captures are stored in host memory and
-   each layer's pair is moved to the device for its analysis; results are unchanged;
+2. **host offload** (captures on a GPU): the captures are stored in page-locked host
+   memory and each layer's pair is moved to the device for its analysis; results are
+   unchanged; the host holds :func:`pinned_bytes` of each stored tensor (torch's caching
+   host allocator rounds a block up to a power of two);
 3. **sketch the widest layers**: layers are replaced, widest first, by a random
    projection of :data:`PLAN_SKETCH` numbers per probe input (:mod:`ics_toolkit.sketch`;
    their rows have view ``"sketch"``, read as the sketch section of the monitor says).
@@ -59,6 +63,7 @@ __all__ = [
     "direction_bytes",
     "format_bytes",
     "make_plan",
+    "pinned_bytes",
 ]
 
 #: Default ``memory_budget``: the share of the available memory a measured step may use
@@ -150,7 +155,8 @@ class MemoryPlan:
     peak_unplanned : int
         The same without any adaptation (every layer's views at once, nothing sketched).
     host_peak : int
-        With host offload: the captures held in host memory (else 0).
+        With host offload: the page-locked host memory the captures take, blocks rounded
+        up to powers of two (:func:`pinned_bytes`; else 0).
     forward_bytes : int
         The probe pass's share of ``peak`` (an estimate, :data:`FORWARD_COPIES`).
     directions_bytes : int
@@ -262,11 +268,35 @@ def direction_bytes(rows: Sequence[Mapping[str, Any]], n_projections: int) -> in
     return sum(widths) * n_projections * 8
 
 
+def pinned_bytes(nbytes: int) -> int:
+    """Page-locked host bytes a stored tensor of ``nbytes`` takes under host offload.
+
+    torch's caching host allocator serves a pinned block of the next power of two (and
+    keeps it for reuse once freed); 0 stays 0.
+
+    Examples
+    --------
+    >>> pinned_bytes(0), pinned_bytes(4096), pinned_bytes(205_520_896)  # 64 x 256 x 56 x 56
+    (0, 4096, 268435456)
+    """
+    return 0 if nbytes <= 0 else 1 << (int(nbytes) - 1).bit_length()
+
+
 def _peaks(
-    rows: Sequence[Mapping[str, Any]], layerwise: bool, offload: bool, directions: int = 0
+    rows: Sequence[Mapping[str, Any]],
+    layerwise: bool,
+    offload: bool,
+    directions: int = 0,
+    worker: bool = False,
 ) -> tuple[int, int, int]:
-    """(peak where the budget applies, host bytes held, forward bytes) of one choice."""
-    held = sum(r["bytes_held"] for r in rows)
+    """(peak where the budget applies, host bytes held, forward bytes) of one choice.
+
+    ``worker``: the analysis runs on a background thread, so the captures of the step
+    it analyses (t and t+1) can still be held while the next probe pass stores t+2:
+    one capture more than ``bytes_held`` (the two sides) counts.
+    """
+    sides = 3 if worker else 2
+    held = sum(r["bytes_held"] for r in rows) * sides // 2
     if layerwise:
         analysis = max((r["bytes_analysis"] + r["bytes_working"] for r in rows), default=0)
     else:
@@ -276,7 +306,8 @@ def _peaks(
     analysis += directions
     if offload:  # the device holds one layer's pair (storage dtype) and its analysis
         pair = max((r["bytes_held"] for r in rows), default=0)
-        return pair + analysis + forward, held, forward
+        host = sum(r.get("bytes_host", r["bytes_held"]) for r in rows) * sides // 2
+        return pair + analysis + forward, host, forward
     return held + analysis + forward, 0, forward
 
 
@@ -303,6 +334,7 @@ def make_plan(
     share = budget if isinstance(budget, float) else (1.0 if budget is None else None)
     limit = int(share * avail) if share is not None else int(budget)  # type: ignore[arg-type]
     source = torch.empty((), dtype=_model_dtype(monitor.model)).element_size()
+    itemsize = torch.empty((), dtype=monitor.recorder.dtype).element_size()
     user_sketch = monitor.sketch is not None
     k = monitor.sketch if user_sketch else PLAN_SKETCH
 
@@ -313,6 +345,9 @@ def make_plan(
         rows = layer_rows(monitor, table, sketch_of)
         for r in rows:
             r["name"] = _name_of(r["layer"])
+            own = math.prod(r["stored_shape"]) * itemsize
+            # both sides' stored tensors: the capture and, for U3 / U5, the normalized values
+            r["bytes_host"] = 2 * (pinned_bytes(own) + pinned_bytes(r["bytes_per_capture"] - own))
             r["bytes_source"] = math.prod(r["shape"]) * source
             stored = r["stored_shape"]
             flat = math.prod(stored) // stored[0]
@@ -321,11 +356,12 @@ def make_plan(
 
     config = monitor.config
     views = config.views
+    worker = bool(getattr(monitor, "_uses_worker", False))
     projects = config.bounds or bool({"sliced", "max_sliced"} & set(config.methods))
 
     def peaks(rows: list[dict[str, Any]], layerwise: bool, offload: bool) -> tuple[int, ...]:
         dirs = direction_bytes(rows, config.n_projections) if projects else 0
-        return _peaks(rows, layerwise, offload, dirs)
+        return _peaks(rows, layerwise, offload, dirs, worker)
 
     base = rows_for(set())
     peak0, _, _ = peaks(base, False, False)
@@ -358,7 +394,7 @@ def make_plan(
             peak = max(peak, host)  # the host cannot hold the captures either
         if peak > limit:
             _refuse(monitor, peak0, peak, limit, avail, share, where, k, can_sketch, base)
-    frame = pd.DataFrame(rows).drop(columns=["name", "bytes_source", "width"])
+    frame = pd.DataFrame(rows).drop(columns=["name", "bytes_source", "width", "bytes_host"])
     frame["sketch"] = frame["sketch"].astype("Int64")
     frame["sketched_by_plan"] = [_name_of(x) in sketched for x in frame["layer"]]
     return MemoryPlan(

@@ -242,7 +242,8 @@ class ICSMonitor:
         step, :meth:`results` or :meth:`detach`. Default (None): on when the model is
         on a CUDA device, off otherwise. The trajectory is the same to the bit; the
         captures of the step being analysed are held until its analysis ends (at most
-        one more capture than without a worker).
+        one more capture than without a worker, which the memory plan counts: a
+        measured step that needs a fresh "before" pass waits for the running analysis).
     log_to : SummaryWriter, callable or list, optional
         Loggers the numbers are sent to as they are measured (on the measuring rank):
         a ``torch.utils.tensorboard.SummaryWriter`` or any callable ``(step,
@@ -465,6 +466,10 @@ class ICSMonitor:
             fast = self.config.precision == "float32"  # the fused kernel's rounding
             self.recorder.transform = HatTransform(modules, mode, capture_dtype, fast)
         self._train_mode = mode
+        if worker is None:
+            worker = device is not None and device.type == "cuda"
+        # the plan counts the capture a worker's analysis still holds (see make_plan)
+        self._uses_worker = _checks.boolean(worker, "worker")
         # --- memory plan (ics_toolkit.memory_plan): made from the probe check's dry run
         memory_budget = check_budget(memory_budget)
         self._plan: MemoryPlan | None = None
@@ -500,9 +505,7 @@ class ICSMonitor:
         self._pending: dict[str, Any] | None = None  # the cached capture at step t
         self._reuse_probe = _checks.boolean(reuse_probe, "reuse_probe")
         self._carry: tuple[int, StepCapture, Any] | None = None  # capture after step t
-        if worker is None:
-            worker = device is not None and device.type == "cuda"
-        self._worker = AnalysisWorker() if _checks.boolean(worker, "worker") else None
+        self._worker = AnalysisWorker() if self._uses_worker else None
         if self._worker is not None:  # the end of the run hands back what is still queued
             atexit.register(_flush_at_exit, weakref.ref(self))
 
@@ -625,6 +628,9 @@ class ICSMonitor:
             if carry is not None and carry[0] == self._current and carry[2] == self._read_state():
                 before = carry[1]  # the probe pass after the last step: nothing changed since
             else:
+                # a worker's analysis still holds its two captures: let it finish before two
+                # new ones are stored, so at most three are alive (what the memory plan counts)
+                self._flush()
                 before = self._capture()
         except Exception as err:
             if not self._dist.exchanges:
@@ -997,6 +1003,7 @@ class ICSMonitor:
             }
         if plan.offload:
             self.recorder.device = torch.device("cpu")
+            self.recorder.pin_memory = True  # page-locked: the copies both ways run faster
         if plan.adapted:
             warnings.warn(plan.summary(), ICSWarning, stacklevel=_failsafe.user_stacklevel())
 

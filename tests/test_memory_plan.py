@@ -235,3 +235,125 @@ def test_host_offload_keeps_one_pair_on_the_device_and_the_rest_on_the_host():
     assert mp._peaks(rows, True, False) == (160 + 110 + forward, 0, forward)
     # offloaded: the device holds the largest pair and one layer's analysis
     assert mp._peaks(rows, True, True) == (100 + 110 + forward, 160, forward)
+    # the host holds the page-locked blocks (bytes_host) when the rows say them
+    rows[0]["bytes_host"], rows[1]["bytes_host"] = 256, 128
+    assert mp._peaks(rows, True, True) == (100 + 110 + forward, 384, forward)
+    assert mp._peaks(rows, True, False)[1] == 0  # nothing on the host without offload
+
+
+def test_with_the_analysis_worker_the_plan_counts_one_capture_more():
+    plain = _quiet(model=_model(), memory_budget=None)[0].memory_plan()
+    threaded = _quiet(model=_model(), memory_budget=None, worker=True)[0].memory_plan()
+    held = int(plain.table["bytes_held"].sum())
+    assert plain.table.equals(threaded.table)
+    # the step analysed in the background holds its two captures while a third is stored
+    assert threaded.peak - plain.peak == held // 2 > 0
+    rows = [{"bytes_held": 100, "bytes_analysis": 0, "bytes_working": 0, "bytes_source": 0}]
+    rows[0]["bytes_host"] = 128
+    assert mp._peaks(rows, True, True, worker=True)[1] == 192
+    assert mp._peaks(rows, False, False, worker=True)[0] == 150
+
+
+def test_pinned_blocks_are_the_next_power_of_two():
+    assert [mp.pinned_bytes(b) for b in (0, 1, 2, 3, 4096, 4097)] == [0, 1, 2, 4, 4096, 8192]
+    assert mp.pinned_bytes(64 * 256 * 56 * 56 * 4) == 2**28  # ResNet-50's widest capture
+
+
+def _cuda_rows(budget):
+    """Two measured steps of ``_model()`` on the GPU under ``budget``: rows, monitor, warnings."""
+    model = _model().cuda()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mon = ics.ICSMonitor(model, X.cuda(), every=1, memory_budget=budget, worker=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    carried = []
+    with mon.attach(opt):
+        for _ in range(2):
+            opt.zero_grad()
+            model(BATCH.cuda()).square().mean().backward()
+            opt.step()
+            held = mon._carry[1].tensors.values()
+            carried.append({t.device.type + (" pinned" * t.is_pinned()) for t in held})
+    said = [str(w.message) for w in caught if issubclass(w.category, ICSWarning)]
+    rows = mon.results().query("kind != 'event'")
+    return rows.set_index(["step", "layer", "view", "quantity"]).sort_index(), mon, said, carried
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_a_plan_that_offloads_keeps_captures_on_the_host_with_the_same_rows(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # same trajectories
+    reference, mon, _, carried = _cuda_rows(None)
+    assert carried == [{"cuda"}, {"cuda"}]
+    peak0 = mon.memory_plan().peak_unplanned
+    # the largest budget that makes the plan offload without sketching (a GPU only)
+    for share in (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ICSWarning)
+            trial = ics.ICSMonitor(_model().cuda(), X.cuda(), memory_budget=int(share * peak0))
+        if trial.memory_plan().offload:
+            break
+    budget = int(share * peak0)
+    rows, mon, said, carried = _cuda_rows(budget)
+    plan = mon.memory_plan()
+    assert plan.offload and plan.layerwise and not plan.sketched and plan.peak <= budget
+    assert plan.where == "cuda:0" and plan.host_peak > 0
+    assert len(said) == 1 and "captures are kept in host memory" in said[0]
+    # what waits for the next step waits on the host, page-locked (fast both ways)
+    assert carried == [{"cpu pinned"}, {"cpu pinned"}]
+    # the host's share: both sides' stored tensors, each a power-of-two pinned block
+    table = plan.table
+    own = [math.prod(s) * 4 for s in table["stored_shape"]]
+    extra = [b - o for b, o in zip(table["bytes_per_capture"], own, strict=True)]
+    blocks = [mp.pinned_bytes(o) + mp.pinned_bytes(e) for o, e in zip(own, extra, strict=True)]
+    assert any(e > 0 for e in extra)  # BatchNorm layers store their normalized values too
+    assert plan.host_peak == 2 * sum(blocks) >= 2 * sum(table["bytes_per_capture"])
+    # the analysis itself still runs on the GPU, one layer's pair at a time: same numbers
+    assert rows.index.equals(reference.index) and len(rows) > 50
+    torch.testing.assert_close(
+        torch.tensor(rows["value"].to_numpy(float)),
+        torch.tensor(reference["value"].to_numpy(float)),
+        rtol=1e-5,
+        atol=1e-12,
+        equal_nan=True,
+    )
+    assert rows["bounds_hold"].equals(reference["bounds_hold"])
+
+
+def test_with_a_worker_no_more_captures_are_alive_than_the_plan_counts(monkeypatch):
+    import time
+    import weakref
+
+    from ics_toolkit import monitor as monitor_module
+
+    model = _model()
+    # measured steps 1-3, 5-7: runs of reused passes, and fresh "before" passes after a gap
+    mon, _ = _quiet(model=model, memory_budget=None, worker=True)
+    mon.schedule = lambda s: s % 4 != 0
+    taken, most = [], [0]  # weak references: a capture counts while anything holds it
+    capture = mon._capture
+
+    def counted():
+        new = capture()
+        taken.append(weakref.ref(new))
+        most[0] = max(most[0], sum(ref() is not None for ref in taken))
+        return new
+
+    measure = monitor_module.measure_step
+
+    def slow(*args, **kwargs):  # each analysis still runs when the next probe passes do
+        time.sleep(0.2)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(mon, "_capture", counted)
+    monkeypatch.setattr(monitor_module, "measure_step", slow)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with mon.attach(opt):
+        for _ in range(8):
+            opt.zero_grad()
+            model(BATCH).square().mean().backward()
+            opt.step()
+    rows = mon.results()
+    assert sorted(rows.step.unique()) == [1, 2, 3, 5, 6, 7] and not rows.kind.eq("event").all()
+    assert "error" not in set(rows.quantity)
+    # the analysed step's two captures and the one being stored (see memory_plan._peaks)
+    assert most[0] == 3

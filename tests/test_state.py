@@ -1,13 +1,15 @@
 """preserved(): a block run on a model leaves buffers, flags, parameters and RNGs as they were."""
 
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from ics_toolkit._state import ModelSnapshot, RNGState, bitwise_equal, preserved
+from ics_toolkit._state import ModelSnapshot, bitwise_equal, preserved
 from ics_toolkit.errors import ICSUsageError, ICSValueError
 
 
@@ -139,12 +141,21 @@ def test_unknown_mode():
             pass
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (else nothing can init it)")
 def test_does_not_initialise_cuda():
-    model = _bn_model()
-    with preserved(model, mode="train", seed=1):
-        model(torch.randn(4, 3))
-    RNGState.capture().restore()
-    assert not torch.cuda.is_initialized()
+    # in a fresh interpreter: another test of this run may have initialised CUDA already
+    code = """
+import torch
+from torch import nn
+from ics_toolkit._state import RNGState, preserved
+model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+with preserved(model, mode="train", seed=1):
+    model(torch.randn(4, 3))
+RNGState.capture().restore()
+print(torch.cuda.is_initialized())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
 
 
 def test_snapshot_restore_reports_nothing_when_clean():
