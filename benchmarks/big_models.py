@@ -176,7 +176,12 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         return seconds
 
     plain, measured = [], []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     train_step()  # warm-up (allocator, first-call costs); step 0 is not measured
+    # the training step's own device peak, before anything was measured: what the
+    # monitor adds on top of it is the run's peak minus this
+    train_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     parts.clear()
     for _ in range(args.rounds):
         if args.every == 2:
@@ -243,6 +248,11 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     }
     if device.type == "cuda":
         result["peak_device_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        result["train_peak_device_gib"] = train_peak / 2**30
+        # page-locked host memory (host offload): torch's caching host allocator's peak
+        stats = torch.cuda.host_memory_stats()
+        result["pinned_peak_gib"] = stats.get("allocated_bytes.peak", 0) / 2**30
+    result["plan_host_gib"] = plan.host_peak / 2**30
     return result
 
 
@@ -267,10 +277,20 @@ def show(r: dict[str, Any]) -> None:
     mem = f"   peak RSS {r['peak_rss_gib']:.2f} GiB"
     if "peak_device_gib" in r:
         mem += f", device peak {r['peak_device_gib']:.2f} GiB"
+        if "train_peak_device_gib" in r:
+            added = r["peak_device_gib"] - r["train_peak_device_gib"]
+            mem += (
+                f" = a training step's own {r['train_peak_device_gib']:.2f} + "
+                f"{added:.2f} while measuring"
+            )
     mem += (
         f"; plan predicted {r['plan_peak_gib']:.2f} GiB for the step "
         f"(unplanned {r['plan_unplanned_gib']:.2f}, budget {r['plan_budget_gib']:.2f})"
     )
+    if r.get("plan_host_gib"):
+        mem += f", {r['plan_host_gib']:.2f} GiB of pinned host memory (offload)"
+    if r.get("pinned_peak_gib"):
+        mem += f"; pinned host memory allocated at the peak {r['pinned_peak_gib']:.2f} GiB"
     print(mem, flush=True)
     if r.get("faults_per_step") is not None:
         print(

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short GPU check (under 7 minutes on one H100 / H200): the engine, monitor and scale
+# One short GPU check (under 7 minutes on one H100 / H200, BUDGET_S): the engine, monitor and scale
 # benchmarks on CUDA, plus the test suite's CUDA-only tests, with every output kept.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
@@ -105,9 +105,10 @@ export PYTHONUNBUFFERED=1  # a step stopped at its cap keeps the output it print
 
 # --- the checks, by what the open issues need first -----------------------------------
 # CUDA-only tests (skipped on CPU machines): device placement, the sketch on the GPU.
-run cuda_tests 45 "pytest,hypothesis,pandas,ot,scipy,ics_toolkit.monitor" -- \
+run cuda_tests 60 "pytest,hypothesis,pandas,ot,scipy,ics_toolkit.monitor" -- \
     "$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_scale.py tests/test_sketch.py \
-    -k "cuda or hadamard or orthonormal or contraction"
+    tests/test_blocks.py tests/test_memory_plan.py tests/test_distances.py tests/test_nn.py \
+    tests/test_recording.py tests/test_state.py -k "cuda or hadamard or orthonormal or contraction"
 
 # Monitor overhead on a training run on the GPU (issue 11's GPU line): fresh processes.
 run monitor 120 "pandas,ot,ics_toolkit.monitor,ics_toolkit.models" -- \
@@ -117,6 +118,12 @@ run monitor 120 "pandas,ot,ics_toolkit.monitor,ics_toolkit.models" -- \
 # the plan's host offload (needs transformers).
 run big_models 150 "transformers,pandas,ot,ics_toolkit.monitor" -- \
     "$PY" benchmarks/big_models.py --device cuda --probe 16 64 --rounds 2 --every 1
+
+# The plan's host offload on a real device: 5% of the free memory is below what the
+# captures of ResNet-50 at probe 64 need, so the plan keeps them on the host.
+run big_offload 120 "transformers,pandas,ot,ics_toolkit.monitor" -- \
+    "$PY" benchmarks/big_models.py --device cuda --model resnet50 --probe 64 --rounds 2 \
+    --every 1 --memory-budget 0.05
 
 # The sketch: only the kept coordinates against the whole transform, on the GPU.
 run sketch_speed 30 "ics_toolkit.sketch" -- \
