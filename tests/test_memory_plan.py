@@ -250,8 +250,12 @@ def test_with_the_analysis_worker_the_plan_counts_one_capture_more():
     assert threaded.peak - plain.peak == held // 2 > 0
     rows = [{"bytes_held": 100, "bytes_analysis": 0, "bytes_working": 0, "bytes_source": 0}]
     rows[0]["bytes_host"] = 128
-    assert mp._peaks(rows, True, True, worker=True)[1] == 192
+    host = mp._peaks(rows, True, True, worker=True)[1]
+    assert host == 192 and isinstance(host, int)  # bytes, not a float
     assert mp._peaks(rows, False, False, worker=True)[0] == 150
+    # no measured row (nothing to hold): every choice predicts nothing but the directions
+    for layerwise, offload in ((False, False), (True, False), (True, True)):
+        assert mp._peaks([], layerwise, offload, 8, worker=True) == (8, 0, 0)
 
 
 def test_pinned_blocks_are_the_next_power_of_two():
