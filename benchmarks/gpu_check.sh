@@ -125,6 +125,10 @@ run big_offload 120 "transformers,pandas,ot,ics_toolkit.monitor" -- \
     "$PY" benchmarks/big_models.py --device cuda --model resnet50 --probe 64 --rounds 2 \
     --every 1 --memory-budget 0.05
 
+# The offload's pinned host memory, step by step, against the plan's host_peak.
+run pinned_host 60 "transformers,ics_toolkit.monitor" -- \
+    "$PY" benchmarks/pinned_host.py
+
 # The sketch: only the kept coordinates against the whole transform, on the GPU.
 run sketch_speed 30 "ics_toolkit.sketch" -- \
     "$PY" benchmarks/sketch_speed.py --device cuda --k 64 256 --repeats 3
