@@ -293,7 +293,9 @@ def test_on_cuda_a_plan_that_offloads_keeps_captures_on_the_host_with_the_same_r
     for share in (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ICSWarning)
-            trial = ics.ICSMonitor(_model().cuda(), X.cuda(), memory_budget=int(share * peak0))
+            trial = ics.ICSMonitor(
+                _model().cuda(), X.cuda(), memory_budget=int(share * peak0), worker=False
+            )
         if trial.memory_plan().offload:
             break
     budget = int(share * peak0)
