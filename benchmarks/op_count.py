@@ -98,12 +98,12 @@ def main() -> None:
     opt.step()
     after = monitor._capture()
     keys = [k for k in before.tensors if monitor._measured(k)]
-    with _blocks.sized_for("cuda" if args.as_gpu else "cpu"):
+    sized_as = "cuda" if args.as_gpu else "cpu"  # block sizes only: no GPU is touched
+    with _blocks.sized_for(sized_as):
         measure_step(0, before, after, monitor.config, keys)  # warm-up: one-time draws
     before.cache.clear()  # nothing kept from the warm-up: a step as the first of a pair
     after.cache.clear()
-    sizes = _blocks.sized_for("cuda" if args.as_gpu else "cpu")  # no GPU is touched
-    with sizes, _Ops() as ops, _Syncs() as syncs:
+    with _blocks.sized_for(sized_as), _Ops() as ops, _Syncs() as syncs:
         rows = measure_step(1, before, after, monitor.config, keys)
     with _Ops() as capture_ops, _Syncs() as capture_syncs:
         monitor._capture()

@@ -43,12 +43,12 @@ def sized_for(device: str | torch.device) -> Iterator[None]:
         _sized_for = before
 
 
-def block_values(device: torch.device, cpu: int = CPU_BLOCK_VALUES) -> int:
-    """Values per block on ``device`` (``cpu``: the CPU's, a caller's own constant)."""
+def block_values(device: torch.device) -> int:
+    """Values per block on ``device`` (the constants read at each call)."""
     device = _sized_for or device
-    return cpu if device.type == "cpu" else DEVICE_BLOCK_VALUES
+    return CPU_BLOCK_VALUES if device.type == "cpu" else DEVICE_BLOCK_VALUES
 
 
-def block_rows(width: int, device: torch.device, cpu: int = CPU_BLOCK_VALUES) -> int:
+def block_rows(width: int, device: torch.device) -> int:
     """Rows of ``width`` values per block on ``device``: at least 1."""
-    return max(1, block_values(device, cpu) // max(1, width))
+    return max(1, block_values(device) // max(1, width))

@@ -356,7 +356,7 @@ def make_plan(
 
     config = monitor.config
     views = config.views
-    worker = bool(getattr(monitor, "_uses_worker", False))
+    worker = monitor._uses_worker
     projects = config.bounds or bool({"sliced", "max_sliced"} & set(config.methods))
 
     def peaks(rows: list[dict[str, Any]], layerwise: bool, offload: bool) -> tuple[int, ...]:

@@ -14,7 +14,7 @@ import torch
 
 from ics_toolkit import _scaling
 from ics_toolkit._arrays import ArrayLike, as_pair
-from ics_toolkit._blocks import CPU_BLOCK_VALUES, block_rows
+from ics_toolkit._blocks import block_rows
 from ics_toolkit.errors import ICSRuntimeWarning, ICSValueError
 
 __all__ = ["moment_drift"]
@@ -64,12 +64,6 @@ def moment_drift(x: ArrayLike, y: ArrayLike) -> dict[str, float]:
 DRIFT_POWERS = {"drift_mean": 1, "drift_var": 2, "drift_m4": 4, "drift_norm_var": 2}
 
 
-#: Values per block of the one-pass column reductions on a CPU: blocks of a few rows of
-#: a wide layer stay in cache, and summing whole contiguous rows is several times faster
-#: on a CPU than reducing strided column blocks (other devices: ics_toolkit._blocks).
-_ROW_BLOCK_VALUES = CPU_BLOCK_VALUES
-
-
 def _column_moments(
     t: torch.Tensor, higher: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -79,7 +73,9 @@ def _column_moments(
     memory is one block, whatever n). ``higher=False`` stops after the mean.
     """
     n = t.shape[0]
-    step = block_rows(t.shape[1], t.device, _ROW_BLOCK_VALUES)
+    # blocks of a few whole rows (ics_toolkit._blocks): on a CPU they stay in cache, and
+    # summing contiguous rows is several times faster than reducing strided columns
+    step = block_rows(t.shape[1], t.device)
     mu = t.sum(dim=0) / n
     if not higher:
         return mu, None, None

@@ -14,8 +14,13 @@ def test_block_rows_by_device():
     assert _blocks.block_rows(2**19, CPU) == 1  # never 0 rows
     assert _blocks.block_rows(2**17, GPU) == 2**7  # 2^24 values
     assert _blocks.block_rows(2**25, GPU) == 1
-    assert _blocks.block_rows(1000, CPU, cpu=3000) == 3  # a caller's own CPU constant
-    assert _blocks.block_rows(1000, GPU, cpu=3000) == 2**24 // 1000
+    cpu_values = _blocks.CPU_BLOCK_VALUES
+    try:  # the constant is read at each call (tests set small blocks through it)
+        _blocks.CPU_BLOCK_VALUES = 3000
+        assert _blocks.block_rows(1000, CPU) == 3
+        assert _blocks.block_rows(1000, GPU) == 2**24 // 1000
+    finally:
+        _blocks.CPU_BLOCK_VALUES = cpu_values
     assert _blocks.block_rows(0, CPU) == 2**18  # no division by zero
     assert _blocks.block_values(torch.device("mps")) == _blocks.DEVICE_BLOCK_VALUES
     with pytest.raises(RuntimeError), _blocks.sized_for("cuda"):

@@ -253,7 +253,7 @@ def test_worker_defaults_to_off_on_cpu_and_checks_its_argument():
 
 
 def test_one_pass_kernels_equal_the_direct_formulas():
-    from ics_toolkit import _sliced, bounding, moments
+    from ics_toolkit import _blocks, _sliced, bounding, moments
     from ics_toolkit._norm_snapshot import NormSnapshot, norm_pair
 
     gen = torch.Generator().manual_seed(3)
@@ -261,16 +261,16 @@ def test_one_pass_kernels_equal_the_direct_formulas():
     x = torch.randn(n, c * h * h, generator=gen, dtype=torch.float64) * 3 + 1
     y = x + 0.01 * torch.randn(x.shape, generator=gen, dtype=torch.float64)
     y[:, 5] += 0.5  # one column moves more than the others: the axis search must find it
-    old_rows = moments._ROW_BLOCK_VALUES
+    old_rows = _blocks.CPU_BLOCK_VALUES
     try:
         for limit in (3000, 500):  # 3 rows per block; one row (the in-place row loop)
-            moments._ROW_BLOCK_VALUES = limit
+            _blocks.CPU_BLOCK_VALUES = limit
             mu, var, m4 = moments._column_moments(x)
             torch.testing.assert_close(mu, x.mean(0), rtol=1e-13, atol=0)
             torch.testing.assert_close(var, x.var(0, unbiased=False), rtol=1e-12, atol=0)
             torch.testing.assert_close(m4, ((x - x.mean(0)) ** 4).mean(0), rtol=1e-12, atol=0)
     finally:
-        moments._ROW_BLOCK_VALUES = old_rows
+        _blocks.CPU_BLOCK_VALUES = old_rows
     paired = bounding._differences(x, y)
     torch.testing.assert_close(paired.dist, (x - y).norm(dim=1), rtol=1e-14, atol=0)
     torch.testing.assert_close(paired.column_abs_gap, (x - y).abs().mean(0), rtol=1e-13, atol=0)
